@@ -1,0 +1,1 @@
+"""The HTTP API: operators' endpoints and, later, the residents' public page."""

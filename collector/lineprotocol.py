@@ -1,0 +1,42 @@
+"""InfluxDB line protocol for readings: one line per (measurement, tags, timestamp), one field per point.
+
+Every field is a float, so a field never changes type (InfluxDB rejects a type change for the
+whole shard). A redelivered reading produces the identical line and overwrites itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["Row", "encode", "escape_measurement", "escape_tag"]
+
+Row = tuple[str, tuple[tuple[str, str], ...], int, dict[str, float]]  # measurement, tags, ts ms, fields
+
+_MEAS = str.maketrans({",": r"\,", " ": r"\ ", "\\": "\\\\"})
+_TAG = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
+
+
+def escape_measurement(name: str) -> str:
+    return name.translate(_MEAS)
+
+
+def escape_tag(value: str) -> str:
+    """Escape a tag key, tag value or field key."""
+    if "\n" in value or "\r" in value:
+        msg = f"line protocol cannot carry a line break in a tag or key: {value!r}"
+        raise ValueError(msg)
+    return value.translate(_TAG)
+
+
+def _float(v: float) -> str:
+    r = repr(float(v))
+    return r if r not in ("nan", "inf", "-inf") else "0"
+
+
+def encode(rows: Iterable[Row]) -> str:
+    lines = []
+    for measurement, tags, ts, fields in rows:
+        tag_part = "".join(f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags) if v != "")
+        field_part = ",".join(f"{escape_tag(k)}={_float(v)}" for k, v in sorted(fields.items()))
+        lines.append(f"{escape_measurement(measurement)}{tag_part} {field_part} {ts}")
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -1,0 +1,30 @@
+"""The collector's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["CollectorMetrics"]
+
+
+class CollectorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.messages = Counter("kwwk_collector_messages_total", "Telemetry messages by outcome", ["result"], registry=r)
+        self.readings = Counter("kwwk_collector_readings_total", "Readings by outcome", ["result"], registry=r)
+        self.rejects = Counter("kwwk_collector_rejects_total", "Messages or readings dead-lettered, by reason",
+                               ["reason"], registry=r)
+        self.write_seconds = Histogram("kwwk_collector_write_seconds", "Latency of one database write",
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.write_errors = Counter("kwwk_collector_write_errors_total", "Failed database writes", ["retryable"],
+                                    registry=r)
+        self.lag_seconds = Histogram("kwwk_collector_lag_seconds", "From a reading's timestamp to its storage",
+                                     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400), registry=r)
+        self.queue_depth = Gauge("kwwk_collector_queue_messages", "Messages received, not yet stored", registry=r)
+        self.seq_gaps = Counter("kwwk_collector_sequence_gaps_total", "Missing sequence numbers per gateway",
+                                ["cell", "gateway"], registry=r)
+        self.seq_duplicates = Counter("kwwk_collector_sequence_duplicates_total",
+                                      "Repeated sequence numbers per gateway (redeliveries)", ["cell", "gateway"],
+                                      registry=r)
+        self.connected = Gauge("kwwk_collector_broker_connected", "1 while connected to the broker", registry=r)
+        self.database_up = Gauge("kwwk_collector_database_up", "1 when the last write succeeded", registry=r)

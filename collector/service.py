@@ -1,0 +1,34 @@
+"""The collector process: ingest, plus /healthz and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from collector.ingest import CollectorSettings, Ingest
+from collector.registry import Registry
+from collector.storage import InfluxSettings, make_writer
+from kwwk.obs import HealthServer
+
+__all__ = ["run_collector"]
+
+log = structlog.get_logger("kwwk.collector")
+
+
+async def run_collector(settings: CollectorSettings, influx: InfluxSettings, registry: Registry,
+                        health_host: str = "127.0.0.1", health_port: int = 0,
+                        stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    ingest = Ingest(settings, registry, make_writer(influx))
+    health = HealthServer(ingest.metrics.registry, ingest.health, health_host, health_port)
+    await health.start()
+    ingest.start()
+    log.info("collector started", client_id=settings.client_id, influx=influx.url, api=influx.api,
+             cells=sorted(registry.cells), health=f"http://{health_host}:{health.port}/healthz")
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.to_thread(ingest.stop)
+        await health.stop()
+        log.info("collector stopped")

@@ -1,0 +1,1 @@
+"""Device knowledge: profiles, Modbus decoding, read planning, the cell model and the site simulator."""

@@ -1,0 +1,99 @@
+"""The gateway process: pollers feed the outbox, the uplink drains it, health and metrics watch both."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from edge.cell import CellConfig
+from edge.telemetry import Reading
+from gateway.metrics import GatewayMetrics
+from gateway.outbox import Outbox
+from gateway.poller import build_pollers
+from gateway.uplink import BrokerSettings, Uplink
+from kwwk.obs import HealthServer
+
+__all__ = ["GatewayService"]
+
+log = structlog.get_logger("kwwk.gateway")
+
+
+class GatewayService:
+    def __init__(self, cfg: CellConfig, gateway_id: str, broker: BrokerSettings, outbox_path: Path,
+                 health_host: str = "127.0.0.1", health_port: int = 0, **outbox_options: Any) -> None:
+        self.cfg = cfg
+        self.gateway = cfg.gateway(gateway_id)
+        self.metrics = GatewayMetrics()
+        self.outbox = Outbox(outbox_path, **outbox_options)
+        self.uplink = Uplink(cfg.cell.id, self.gateway.id, self.outbox, broker, self.metrics)
+        self.pollers, self.lines = build_pollers(cfg, self.gateway, self._store, self.metrics)
+        self.health = HealthServer(self.metrics.registry, self.healthz, health_host, health_port)
+        self._dropped_seen: dict[str, int] = {}
+        self.started = time.time()
+
+    def _store(self, readings: list[Reading]) -> None:
+        stored = self.outbox.append(readings)
+        for r in readings[:stored]:
+            self.metrics.readings.labels(r.quality).inc()
+        self._sync_outbox_metrics()
+        self.uplink.wakeup.set()
+
+    def _sync_outbox_metrics(self) -> None:
+        for reason, n in self.outbox.dropped.items():
+            new = n - self._dropped_seen.get(reason, 0)
+            if new:
+                self.metrics.outbox_dropped.labels(reason).inc(new)
+                self._dropped_seen[reason] = n
+        self.metrics.outbox_depth.set(self.outbox.depth)
+        oldest = self.outbox.oldest_ts()
+        self.metrics.outbox_oldest_age.set(max(0.0, time.time() - oldest / 1000) if oldest else 0)
+
+    def healthz(self) -> dict[str, Any]:
+        devices = {
+            p.device.id: {"last_ok": p.last_ok, "error": p.last_error,
+                          "stale": p.last_ok is None or time.time() - p.last_ok > 3 * p.interval + 5}
+            for p in self.pollers
+        }
+        broker_ok = self.uplink.connected
+        status = "ok" if broker_ok and not all(d["stale"] for d in devices.values()) else "degraded"
+        return {"status": status, "gateway": self.gateway.id, "cell": self.cfg.cell.id, "broker_connected": broker_ok,
+                "last_puback": self.uplink.last_puback, "outbox_depth": self.outbox.depth,
+                "outbox_dropped": dict(self.outbox.dropped), "devices": devices}
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.outbox.expire()
+            self._sync_outbox_metrics()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        await self.health.start()
+        log.info("gateway started", gateway=self.gateway.id, cell=self.cfg.cell.id, devices=len(self.pollers),
+                 lines=len(self.lines), health=f"http://{self.health.host}:{self.health.port}/healthz",
+                 outbox=str(self.outbox.path), outbox_depth=self.outbox.depth)
+        tasks = [asyncio.create_task(p.run(), name=f"kwwk.poll.{p.device.id}") for p in self.pollers]
+        tasks.append(asyncio.create_task(self.uplink.run(), name="kwwk.uplink"))
+        tasks.append(asyncio.create_task(self._housekeeping(), name="kwwk.housekeeping"))
+        try:
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not waiter and t.exception():
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for line in self.lines:
+                await line.close()
+            await self.health.stop()
+            self.outbox.close()
+            log.info("gateway stopped", gateway=self.gateway.id)

@@ -1,0 +1,137 @@
+"""Publish the outbox to the broker: QoS 1, a retained birth and last-will, TLS and per-gateway credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.telemetry import SCHEMA, TelemetryBatch, status_topic, telemetry_topic
+from gateway.metrics import GatewayMetrics
+from gateway.outbox import Batch, Outbox
+
+__all__ = ["BrokerSettings", "Uplink"]
+
+log = structlog.get_logger("kwwk.gateway.uplink")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    session_expiry_s: int = 7 * 86400
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
+class Uplink:
+    def __init__(self, cell: str, gateway: str, outbox: Outbox, settings: BrokerSettings, metrics: GatewayMetrics,
+                 batch_size: int = 500, flush_interval: float = 1.0) -> None:
+        self.cell = cell
+        self.gateway = gateway
+        self.outbox = outbox
+        self.settings = settings
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.wakeup = asyncio.Event()
+        self.connected = False
+        self.last_puback: float | None = None
+        self.topic = telemetry_topic(cell, gateway)
+        self.status = status_topic(cell, gateway)
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps({"schema": SCHEMA, "gateway": self.gateway, "cell": self.cell, "state": state,
+                           "ts": int(time.time() * 1000)}).encode()
+
+    async def run(self) -> None:
+        """Stay connected; reconnect with jittered exponential backoff."""
+        attempt = 0
+        s = self.settings
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry_s
+        will = aiomqtt.Will(self.status, self._status("offline"), qos=1, retain=True)
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    s.host, s.port, username=s.username, password=s.password, identifier=f"kwwk-gw-{self.gateway}",
+                    protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive,
+                    tls_context=s.tls_context(), clean_start=False, properties=props, timeout=10,
+                ) as client:
+                    attempt = 0
+                    self.connected = True
+                    self.metrics.connected.set(1)
+                    self.metrics.connects.labels("ok").inc()
+                    log.info("connected to broker", host=s.host, port=s.port, tls=s.tls)
+                    await client.publish(self.status, self._status("online"), qos=1, retain=True)
+                    try:
+                        await self._drain(client)
+                    except asyncio.CancelledError:
+                        # a clean stop: the will only fires on an unclean one, so say offline ourselves
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(
+                                client.publish(self.status, self._status("offline"), qos=1, retain=True), 2)
+                        raise
+            except aiomqtt.MqttError as err:
+                self.metrics.connects.labels("failed").inc()
+                if self.connected:
+                    log.warning("lost the broker", error=str(err), outbox=self.outbox.depth)
+                else:
+                    log.warning("cannot reach the broker", error=str(err), attempt=attempt, outbox=self.outbox.depth)
+            finally:
+                self.connected = False
+                self.metrics.connected.set(0)
+            attempt += 1
+            await asyncio.sleep(random.uniform(0.5, min(30.0, 1.5 ** min(attempt, 10))))  # noqa: S311
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        for batch in self.outbox.in_flight():  # numbered before a crash or disconnect: same seq again
+            await self._send(client, batch, resend=True)
+        while True:
+            batch = self.outbox.next_batch(self.batch_size)
+            if batch is None:
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), self.flush_interval)
+                except TimeoutError:
+                    pass
+                continue
+            await self._send(client, batch)
+
+    async def _send(self, client: aiomqtt.Client, batch: Batch, resend: bool = False) -> None:
+        msg = TelemetryBatch.model_construct(
+            schema_=SCHEMA, cell=self.cell, gateway=self.gateway, seq=batch.seq, sent=int(time.time() * 1000),
+            replay=batch.replay or resend, readings=batch.readings)
+        await client.publish(self.topic, msg.to_json(), qos=1)  # returns after the broker's PUBACK
+        self.outbox.ack(batch.seq)
+        self.last_puback = time.time()
+        self.metrics.last_puback.set(self.last_puback)
+        self.metrics.published.labels(str(batch.replay or resend).lower()).inc()
+        self.metrics.published_readings.inc(len(batch.readings))
+
+
+def read_secret(path: str | None) -> str | None:
+    return Path(path).read_text().strip() if path else None

@@ -1,0 +1,1 @@
+"""The `kwwk` command, the local demo, and what every service shares: logs, health and metrics."""

@@ -1,0 +1,228 @@
+"""Real Mosquitto, InfluxDB 1.x and VictoriaMetrics from the system packages, run in a folder of our own.
+
+Used by `kwwk demo` and by the integration tests: each server gets its own config, data folder and
+free loopback ports, and is stopped (and its folder kept for inspection) afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+__all__ = ["InfluxDB1", "LocalServer", "Mosquitto", "ServerMissing", "VictoriaMetrics", "free_port"]
+
+
+class ServerMissing(RuntimeError):
+    """The server's program is not installed; the message says which package to install."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _find(program: str, package: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin")) -> str:
+    found = shutil.which(program) or next((f"{d}/{program}" for d in extra_dirs if Path(f"{d}/{program}").exists()), None)
+    if not found:
+        msg = f"{program} not found: install the Debian package '{package}' (make setup does this)"
+        raise ServerMissing(msg)
+    return found
+
+
+class LocalServer:
+    name = "server"
+
+    def __init__(self, workdir: Path | str, port: int | None = None) -> None:
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0) -> LocalServer:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,  # noqa: S603
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                msg = f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n{self._tail()}"
+                raise RuntimeError(msg)
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        msg = f"{self.name} did not become ready on port {self.port} in {timeout:.0f}s; see {self.log_path}"
+        raise RuntimeError(msg)
+
+    def _tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
+        return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback only
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Mosquitto(LocalServer):
+    """Mosquitto with persistence; `extra` adds config lines (TLS listeners, ACLs, password files)."""
+
+    name = "mosquitto"
+
+    def __init__(self, workdir: Path | str, port: int | None = None, extra: str = "", anonymous: bool = True,
+                 max_queued: int = 100_000) -> None:
+        super().__init__(workdir, port)
+        self.extra = extra
+        self.anonymous = anonymous
+        self.max_queued = max_queued
+
+    def config(self) -> str:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        return "\n".join([
+            f"user {user}",
+            "per_listener_settings false",
+            f"allow_anonymous {'true' if self.anonymous else 'false'}",
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            "autosave_interval 1",
+            f"max_queued_messages {self.max_queued}",
+            "max_inflight_messages 100",
+            "log_dest stdout",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"listener {self.port} 127.0.0.1",
+            self.extra,
+            "",
+        ])
+
+    def command(self) -> list[str]:
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(self.config())
+        return [_find("mosquitto", "mosquitto"), "-c", str(conf)]
+
+    def ready(self) -> bool:
+        return _port_open(self.port)
+
+
+class InfluxDB1(LocalServer):
+    """InfluxDB 1.x (Debian's influxdb): /write and /query with InfluxQL."""
+
+    name = "influxd"
+
+    def __init__(self, workdir: Path | str, port: int | None = None, database: str = "kwwk") -> None:
+        super().__init__(workdir, port)
+        self.rpc_port = free_port()
+        self.database = database
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        conf = self.dir / "influxdb.conf"
+        conf.write_text(f"""reporting-disabled = true
+bind-address = "127.0.0.1:{self.rpc_port}"
+[meta]
+  dir = "{self.dir}/meta"
+[data]
+  dir = "{self.dir}/data"
+  wal-dir = "{self.dir}/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:{self.port}"
+  log-enabled = false
+  max-body-size = 0
+[monitor]
+  store-enabled = false
+[continuous_queries]
+  enabled = false
+""")
+        return [_find("influxd", "influxdb"), "run", "-config", str(conf)]
+
+    def ready(self) -> bool:
+        return _http_ok(f"{self.url}/ping")
+
+    def start(self, timeout: float = 30.0) -> InfluxDB1:
+        super().start(timeout)
+        self.query(f'CREATE DATABASE "{self.database}"', method="POST")
+        return self
+
+    def query(self, q: str, method: str = "GET", epoch: str = "ms") -> dict[str, object]:
+        import json
+
+        params = urllib.parse.urlencode({"q": q, "db": self.database, "epoch": epoch})
+        if method == "GET":
+            req = urllib.request.Request(f"{self.url}/query?{params}")
+        else:
+            req = urllib.request.Request(f"{self.url}/query", data=params.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback only
+            return json.loads(r.read())
+
+
+class VictoriaMetrics(LocalServer):
+    """VictoriaMetrics: a real server that accepts InfluxDB's /api/v2/write (for the v2 write path)."""
+
+    name = "victoria-metrics"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [_find("victoria-metrics", "victoria-metrics"), f"-storageDataPath={self.dir}/data",
+                f"-httpListenAddr=127.0.0.1:{self.port}", "-search.latencyOffset=0s", "-loggerLevel=ERROR"]
+
+    def ready(self) -> bool:
+        return _http_ok(f"{self.url}/health")
