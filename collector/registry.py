@@ -31,7 +31,7 @@ class Registry:
         for cell_id, cfg in cells.items():
             for gw, dev in cfg.devices():
                 profile = cfg.profiles[dev.id]
-                points = cfg.published_points(dev)
+                points = [p for p in cfg.published_points(dev) if p.numeric]  # strings identify, not measure
                 self.gateways.add((cell_id, gw.id))
                 self.devices[(cell_id, dev.id)] = DeviceInfo(
                     cell_id, gw.id, dev.id, profile.device_class, frozenset(p.name for p in points),

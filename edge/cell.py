@@ -22,14 +22,14 @@ Ident = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=48,
 #: what a point may contribute to a loop's balance (issue: balance engine)
 ROLES: dict[str, tuple[str, ...]] = {
     "electricity": ("generation", "consumption", "grid_import", "grid_export", "storage_charge", "storage_discharge"),
-    "heat": ("generation", "delivery", "import"),
+    "heat": ("generation", "feed", "delivery", "import"),
     "water": ("abstraction", "supply", "consumption", "recycled", "export"),
     "fuel": ("input",),
 }
 Role = Literal[
     "electricity.generation", "electricity.consumption", "electricity.grid_import", "electricity.grid_export",
     "electricity.storage_charge", "electricity.storage_discharge",
-    "heat.generation", "heat.delivery", "heat.import",
+    "heat.generation", "heat.feed", "heat.delivery", "heat.import",
     "water.abstraction", "water.supply", "water.consumption", "water.recycled", "water.export",
     "fuel.input",
 ]

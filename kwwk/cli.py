@@ -14,11 +14,17 @@ import typer
 from edge.yamlio import ConfigError
 
 app = typer.Typer(help="KWWK Telemetry: closed heat-water-power loops made visible.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, rich_markup_mode="rich")
-sim_app = typer.Typer(help="The site simulator.", no_args_is_help=True)
-gateway_app = typer.Typer(help="The gateway daemon (runs on the Raspberry Pi).", no_args_is_help=True)
-collector_app = typer.Typer(help="The collector: MQTT → InfluxDB.", no_args_is_help=True)
-api_app = typer.Typer(help="The HTTP API.", no_args_is_help=True)
+                  pretty_exceptions_enable=False, rich_markup_mode="rich",
+                  epilog="Example: kwwk demo   (everything on this machine; then open http://127.0.0.1:8000)")
+sim_app = typer.Typer(help="The site simulator.", no_args_is_help=True,
+                      epilog="Example: kwwk sim run --cell firmware_configs/cells/musterdorf.yaml")
+gateway_app = typer.Typer(help="The gateway daemon (runs on the Raspberry Pi).", no_args_is_help=True,
+                          epilog="Example: kwwk gateway run --cell firmware_configs/cells/musterdorf.yaml "
+                                 "--gateway gw-musterdorf-1")
+collector_app = typer.Typer(help="The collector: MQTT → InfluxDB.", no_args_is_help=True,
+                            epilog="Example: kwwk collector run --cells firmware_configs/cells")
+api_app = typer.Typer(help="The HTTP API.", no_args_is_help=True,
+                      epilog="Example: kwwk api run --cells firmware_configs/cells --port 8000")
 app.add_typer(sim_app, name="sim")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(collector_app, name="collector")
@@ -194,6 +200,7 @@ def demo(
     api_port: Annotated[int, typer.Option(help="port of the API")] = 8000,
     mqtt_port: Annotated[int, typer.Option(help="port of the demo's Mosquitto")] = 18830,
     influx_port: Annotated[int, typer.Option(help="port of the demo's InfluxDB")] = 18086,
+    sim_speed: Annotated[float, typer.Option(help="simulated seconds per real second (0 freezes the plant)")] = 1.0,
     log_level: LogOpt = "WARNING",
 ) -> None:
     """Run a whole simulated alliance on this machine: Mosquitto, InfluxDB, the simulator, a gateway per
@@ -203,7 +210,7 @@ def demo(
 
     setup_logging(log_level)
     try:
-        d = Demo(cells, var, api_port=api_port, mqtt_port=mqtt_port, influx_port=influx_port)
+        d = Demo(cells, var, api_port=api_port, mqtt_port=mqtt_port, influx_port=influx_port, sim_speed=sim_speed)
     except ConfigError as err:
         raise _fail(err) from None
     _run(lambda stop: d.run(stop, duration))

@@ -42,13 +42,14 @@ class _Uvicorn(uvicorn.Server):
 
 class Demo:
     def __init__(self, cells_dir: Path, var: Path, api_port: int = 8000, mqtt_port: int = 18830,
-                 influx_port: int = 18086, host: str = "127.0.0.1") -> None:
+                 influx_port: int = 18086, host: str = "127.0.0.1", sim_speed: float = 1.0) -> None:
         self.cells = load_cells(cells_dir)
         self.var = var.resolve()
         self.api_port = api_port
         self.mqtt_port = mqtt_port
         self.influx_port = influx_port
         self.host = host
+        self.sim_speed = sim_speed
 
     async def run(self, stop: asyncio.Event, duration: float | None = None) -> None:
         for name, port in (("API", self.api_port), ("MQTT", self.mqtt_port), ("InfluxDB", self.influx_port)):
@@ -63,7 +64,7 @@ class Demo:
             await asyncio.to_thread(mosquitto.start)
             await asyncio.to_thread(influx.start)
         influx_settings = InfluxSettings(url=influx.url, database=influx.database)
-        sim = SimulatorServer(self.cells.values(), SimClock())
+        sim = SimulatorServer(self.cells.values(), SimClock(speed=self.sim_speed))
         gateways: list[GatewayService] = []
         tasks: list[asyncio.Task[None]] = []
         inner_stop = asyncio.Event()
