@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from edge.codec import REGISTER_COUNT, Order, decode_words
 from edge.quantities import QUANTITIES
@@ -82,8 +82,9 @@ class Point(_Strict):
     scale: float = 1.0
     offset: float = 0.0
     scale_register: Name | None = Field(None, description="point holding a power-of-ten exponent (SunSpec sunssf)")
-    unit: str = ""
-    kind: Literal["gauge", "counter", "state", "info"] = "gauge"
+    publish: bool = Field(True, description="False for helper points such as scale factors")
+    unit: str = Field("", validate_default=True)
+    kind: Literal["gauge", "counter", "state", "info"] = Field("gauge", validate_default=True)
     range: tuple[float, float] | None = Field(None, description="plausible range, in the point's unit")
     word_order: Order | None = None
     byte_order: Order | None = None
@@ -92,7 +93,35 @@ class Point(_Strict):
     bits: dict[int, str] | None = None
     description: str = ""
     doc: str | None = Field(None, description="where in the document: page, table, row")
-    publish: bool = Field(True, description="False for helper points such as scale factors")
+
+    @field_validator("count")
+    @classmethod
+    def _count_fits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        dtype, table = info.data.get("type"), info.data.get("table")
+        if v is not None and dtype not in (None, "string") and table not in ("coil", "discrete") \
+                and v != REGISTER_COUNT[dtype]:
+            msg = f"count {v} does not fit type {dtype}, which takes {REGISTER_COUNT[dtype]} register(s)"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("unit")
+    @classmethod
+    def _shared_unit(cls, v: str, info: ValidationInfo) -> str:
+        q = QUANTITIES.get(info.data.get("name", ""))
+        if q is not None and info.data.get("publish", True) and v != q.unit:
+            msg = (f"unit {v!r} is wrong for the shared quantity {info.data['name']!r}: it is measured in "
+                   f"{q.unit!r}; scale the raw value to {q.unit!r}")
+            raise ValueError(msg)
+        return v
+
+    @field_validator("kind")
+    @classmethod
+    def _shared_kind(cls, v: str, info: ValidationInfo) -> str:
+        q = QUANTITIES.get(info.data.get("name", ""))
+        if q is not None and info.data.get("publish", True) and v != q.kind:
+            msg = f"kind {v!r} is wrong for the shared quantity {info.data['name']!r}, which is a {q.kind}"
+            raise ValueError(msg)
+        return v
 
     @field_validator("range")
     @classmethod
@@ -108,22 +137,9 @@ class Point(_Strict):
             if self.type not in ("u16", "bitfield"):
                 msg = f"a {self.table} holds one bit: use type u16 or bitfield, not {self.type}"
                 raise ValueError(msg)
-        if self.type == "string":
-            if self.count is None:
-                msg = "a string needs count (its length in registers)"
-                raise ValueError(msg)
-        elif self.count is not None and self.table not in ("coil", "discrete") and self.count != REGISTER_COUNT[self.type]:
-            msg = f"count {self.count} does not fit type {self.type}, which takes {REGISTER_COUNT[self.type]} register(s)"
+        if self.type == "string" and self.count is None:
+            msg = "a string needs count (its length in registers)"
             raise ValueError(msg)
-        if self.name in QUANTITIES and self.publish:
-            q = QUANTITIES[self.name]
-            if self.unit != q.unit:
-                msg = (f"{self.name!r} is a shared quantity measured in {q.unit!r}; "
-                       f"scale the raw value to {q.unit!r} instead of {self.unit!r}")
-                raise ValueError(msg)
-            if self.kind != q.kind:
-                msg = f"{self.name!r} is a shared quantity of kind {q.kind!r}, not {self.kind!r}"
-                raise ValueError(msg)
         return self
 
     @property
@@ -226,8 +242,8 @@ class Profile(_Strict):
         factor = p.scale
         if p.scale_register is not None:
             sf = raw.get(p.scale_register)
-            if sf is None or isinstance(sf, str):
-                return None
+            if sf is None or isinstance(sf, str) or not -20 <= int(sf) <= 20:
+                return None  # SunSpec scale factors are small exponents; anything else is not a value
             factor *= 10.0 ** int(sf)
         result = float(value * factor + p.offset)
         # integer registers times decimal scales (2345 × 0.1) should not print as 234.50000000000003
@@ -274,7 +290,7 @@ def _check_profile(p: Profile, lines: LineMap, path: Path) -> list[tuple[int | N
         seen[pt.name] = i
         if p.addressing == "modicon":
             five, six = _MODICON_BASE[pt.table]
-            ok = five <= pt.address < five + 10000 or six <= pt.address < six + 65536
+            ok = five <= pt.address <= five + 9998 or six <= pt.address < six + 65536
             if not ok:
                 add((*loc, "address"), f"points[{pt.name}].address",
                     f"{pt.address} is not a Modicon {pt.table} address ({five}..{five + 9998} or {six}..{six + 65535})")

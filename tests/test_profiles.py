@@ -1,0 +1,410 @@
+"""The device-profile library: every profile loads, its golden vectors decode, and the vectors have teeth.
+
+Golden vectors are register words written by hand from each vendor document. A vector that still
+passes after the profile's word order or signedness is flipped proves nothing, so each profile is
+also checked against its own mutants. Broken profiles must be rejected with an error that a
+technician can act on: file, line, point and field.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.codec import REGISTER_COUNT
+from edge.profile import PROFILE_DIR, Profile, golden_check, load_profile, profile_ids
+from edge.quantities import QUANTITIES
+from edge.yamlio import ConfigError
+
+IDS = profile_ids()
+
+#: profiles the demo cell configuration references, with the shared quantities it relies on
+DEMO_CELL: dict[str, set[str]] = {
+    "eastron_sdm72": {"power", "energy_import", "energy_export", "voltage_l1", "voltage_l2", "voltage_l3",
+                      "current_l1", "current_l2", "current_l3"},
+    "kwenergy_smartblock": {"power", "energy_export", "heat_energy", "temp_supply", "temp_return", "runtime",
+                            "starts"},
+    "grundfos_cim500": {"power", "energy_import", "flow", "head", "speed", "runtime", "starts"},
+    "sontex_supercal5": {"heat_energy", "volume", "heat_power", "flow", "temp_supply", "temp_return",
+                         "temp_diff"},
+    "siemens_mag6000": {"flow", "volume", "volume_reverse"},
+    "isma_sfar_1m_4di": {"volume"},
+    "janitza_umg96rm": {"power", "voltage_l1", "voltage_l2", "voltage_l3", "current_l1", "current_l2",
+                        "current_l3", "frequency", "energy_import", "energy_export"},
+}
+
+_SIGN_FLIP = {"s16": "u16", "s32": "u32", "s64": "u64"}
+_CUMULATIVE_UNITS = {"Wh", "kWh", "MWh", "varh", "kvarh", "m³", "GJ"}
+
+
+def _load(profile_id: str) -> Profile:
+    return load_profile(PROFILE_DIR / f"{profile_id}.yaml")
+
+
+def _flip(order: str) -> str:
+    return "little" if order == "big" else "big"
+
+
+def _mutant(profile: Profile, *, words: bool = False, sign: bool = False) -> Profile:
+    """The same profile with every point's word order reversed and/or signed types made unsigned."""
+    data: dict[str, Any] = profile.model_dump(by_alias=True)
+    if words:
+        data["word_order"] = _flip(profile.word_order)
+    for point, raw in zip(profile.points, data["points"], strict=True):
+        if words:
+            raw["word_order"] = _flip(profile.orders(point)[0])
+        if sign and point.type in _SIGN_FLIP:
+            raw["type"] = _SIGN_FLIP[point.type]
+    return Profile.model_validate(data)
+
+
+def _detects(mutant: Profile) -> bool:
+    """True when at least one golden vector no longer decodes to the document's values."""
+    try:
+        return bool(golden_check(mutant))
+    except (ArithmeticError, ValueError):
+        # e.g. a scale-factor register read as 65535 instead of -1: the vector caught it too
+        return True
+
+
+# --- (e) the library is big enough --------------------------------------------------------------
+
+
+def test_at_least_ten_profiles() -> None:
+    assert len(IDS) >= 10, IDS
+
+
+def test_demo_cell_profiles_exist_with_their_quantities() -> None:
+    missing = {}
+    for profile_id, names in DEMO_CELL.items():
+        assert profile_id in IDS, f"demo cell references profile {profile_id!r}, which does not exist"
+        lacking = names - set(_load(profile_id).by_name)
+        if lacking:
+            missing[profile_id] = sorted(lacking)
+    assert not missing, f"profiles lack shared quantities the demo cell needs: {missing}"
+
+
+# --- (a) every profile loads and every golden vector decodes --------------------------------------
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_profile_loads_and_golden_vectors_decode(profile_id: str) -> None:
+    profile = _load(profile_id)
+    assert profile.id == profile_id
+    assert golden_check(profile) == []
+
+
+# --- (d) provenance: a source document and at least one golden vector ----------------------------
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_profile_names_its_source_and_has_golden_vectors(profile_id: str) -> None:
+    profile = _load(profile_id)
+    assert profile.source.document.strip(), f"{profile_id}: source.document is empty"
+    assert profile.golden, f"{profile_id}: no golden vector"
+    for vector in profile.golden:
+        assert vector.expect, f"{profile_id}: golden {vector.name!r} expects nothing"
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_every_published_numeric_point_has_a_plausible_range(profile_id: str) -> None:
+    """Helper points (publish: false, e.g. SunSpec scale factors) are exempt: nobody plots them."""
+    profile = _load(profile_id)
+    no_range = [p.name for p in profile.points if p.numeric and p.publish and p.range is None]
+    assert not no_range, f"{profile_id}: points without a plausible range: {no_range}"
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_every_point_says_where_it_is_in_the_document(profile_id: str) -> None:
+    profile = _load(profile_id)
+    no_doc = [p.name for p in profile.points if not p.doc]
+    assert not no_doc, f"{profile_id}: points without doc (where in the document): {no_doc}"
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_cumulative_units_are_counters(profile_id: str) -> None:
+    profile = _load(profile_id)
+    wrong = [p.name for p in profile.points if p.unit in _CUMULATIVE_UNITS and p.kind != "counter"]
+    assert not wrong, f"{profile_id}: energy/volume points must be kind: counter: {wrong}"
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_golden_values_lie_in_the_points_plausible_range(profile_id: str) -> None:
+    profile = _load(profile_id)
+    outside = []
+    for vector in profile.golden:
+        for name, want in vector.expect.items():
+            point = profile.by_name[name]
+            if isinstance(want, int | float) and point.range is not None:
+                low, high = point.range
+                if not low <= want <= high:
+                    outside.append(f"{vector.name!r}: {name}={want} outside {point.range}")
+    assert not outside, f"{profile_id}: " + "; ".join(outside)
+
+
+def test_shared_quantities_keep_their_unit_and_kind() -> None:
+    """Belt and braces for the schema rule: every published shared name has the vocabulary's unit."""
+    for profile_id in IDS:
+        for point in _load(profile_id).points:
+            if point.publish and point.name in QUANTITIES:
+                q = QUANTITIES[point.name]
+                assert (point.unit, point.kind) == (q.unit, q.kind), f"{profile_id}: {point.name}"
+
+
+def test_kwenergy_says_whether_it_has_heat_power() -> None:
+    profile = _load("kwenergy_smartblock")
+    if "heat_power" not in profile.by_name:
+        assert profile.notes and "heat_power" in profile.notes, "tell the simulator that heat_power is absent"
+
+
+def test_mag6000_identifies_itself_by_product_code_24() -> None:
+    profile = _load("siemens_mag6000")
+    rules = {rule.point: rule.equals for rule in profile.identification}
+    assert rules.get("product_code") == 24
+
+
+# --- (b) mutation: the vectors must notice a wrong word order or signedness -----------------------
+
+
+def _has_multi_register_values(profile_id: str) -> bool:
+    return any(p.numeric and p.registers > 1 and p.table in ("holding", "input") for p in _load(profile_id).points)
+
+
+def _has_signed_points(profile_id: str) -> bool:
+    return any(p.type in _SIGN_FLIP for p in _load(profile_id).points)
+
+
+# word order cannot matter for a profile of single-register values only, nor signedness without signed points
+@pytest.mark.parametrize("profile_id", [i for i in IDS if _has_multi_register_values(i)])
+def test_golden_vectors_catch_a_flipped_word_order(profile_id: str) -> None:
+    profile = _load(profile_id)
+    mutant = _mutant(profile, words=True)
+    assert _detects(mutant), (
+        f"{profile_id}: every golden vector still passes with word_order flipped; add a vector for each "
+        "multi-register type whose words differ (e.g. a u32 above 65535 or a float with a non-zero low word)"
+    )
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_golden_vectors_catch_a_flipped_word_order_per_type(profile_id: str) -> None:
+    """Each multi-register type needs its own vector: an f32 vector says nothing about a u32."""
+    profile = _load(profile_id)
+    multi = sorted({p.type for p in profile.points
+                    if p.numeric and p.registers > 1 and p.table in ("holding", "input")})
+    blind = []
+    for dtype in multi:
+        data: dict[str, Any] = profile.model_dump(by_alias=True)
+        for point, raw in zip(profile.points, data["points"], strict=True):
+            if point.type == dtype:
+                raw["word_order"] = _flip(profile.orders(point)[0])
+        if not _detects(Profile.model_validate(data)):
+            blind.append(dtype)
+    assert not blind, f"{profile_id}: no golden vector notices a flipped word order for {blind}"
+
+
+@pytest.mark.parametrize("profile_id", [i for i in IDS if _has_signed_points(i)])
+def test_golden_vectors_catch_lost_signedness(profile_id: str) -> None:
+    profile = _load(profile_id)
+    signed = {p.type for p in profile.points if p.type in _SIGN_FLIP}
+    mutant = _mutant(profile, sign=True)
+    assert _detects(mutant), (
+        f"{profile_id}: golden vectors still pass with {sorted(signed)} read unsigned; add a negative value"
+    )
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_golden_vectors_catch_lost_signedness_per_signed_type(profile_id: str) -> None:
+    """One negative vector for s16 does not cover an s32: each signed type needs its own."""
+    profile = _load(profile_id)
+    for dtype in sorted({p.type for p in profile.points if p.type in _SIGN_FLIP}):
+        data: dict[str, Any] = profile.model_dump(by_alias=True)
+        for raw in data["points"]:
+            if raw["type"] == dtype:
+                raw["type"] = _SIGN_FLIP[dtype]
+        mutant = Profile.model_validate(data)
+        assert _detects(mutant), f"{profile_id}: no negative golden value of type {dtype}"
+
+
+def test_mutation_helper_really_mutates() -> None:
+    """The mutants must differ from the original, or the tests above prove nothing."""
+    profile = _load("carlo_gavazzi_em24_e1")
+    flipped = _mutant(profile, words=True, sign=True)
+    assert flipped.word_order != profile.word_order
+    pairs = zip(profile.points, flipped.points, strict=True)
+    assert all(flipped.orders(m)[0] != profile.orders(o)[0] for o, m in pairs)
+    assert not any(p.type in _SIGN_FLIP for p in flipped.points)
+    assert _detects(flipped)
+
+
+# --- (c) broken profiles are rejected with file, line, point and field ----------------------------
+
+_HEAD = """\
+manufacturer: Test
+model: T-1
+device_class: electricity_meter
+source:
+  document: "Test register map"
+  confidence: low
+addressing: {addressing}
+points:
+"""
+
+
+def _point(name: str, address: int, dtype: str, unit: str, *, extra: str = "") -> str:
+    text = f"""\
+  - name: {name}
+    register: input
+    address: {address}
+    type: {dtype}
+    unit: {unit}
+    range: [0, 300]
+"""
+    return text + textwrap.indent(extra, "    ") if extra else text
+
+
+def _line_of(text: str, needle: str, start: int = 1) -> int:
+    """1-based number of the first line at or after `start` that contains needle."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if number >= start and needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in test profile")
+
+
+def _block_of(text: str, point: str) -> tuple[int, int]:
+    """First and last line of the last point called `point` in a block-style points list."""
+    lines = text.splitlines()
+    starts = [n for n, line in enumerate(lines, 1) if line.startswith("  - name: ")]
+    first = [n for n in starts if lines[n - 1] == f"  - name: {point}"][-1]
+    last = next((n - 1 for n in starts if n > first), len(lines))
+    return first, last
+
+
+BAD_PROFILES: dict[str, tuple[str, str, str, str]] = {
+    # case: (addressing, points yaml, point named in the error, field named in the error)
+    "overlapping_points": (
+        "raw",
+        _point("voltage_l1", 0, "f32", "V") + _point("voltage_l2", 1, "f32", "V"),
+        "voltage_l2", "address"),
+    "unknown_type": ("raw", _point("voltage_l1", 0, "float32", "V"), "voltage_l1", "type"),
+    "count_does_not_fit_type": (
+        "raw", _point("voltage_l1", 0, "f32", "V", extra="count: 1\n"), "voltage_l1", "count"),
+    "address_outside_register_space": (
+        "raw", _point("voltage_l1", 65535, "f32", "V"), "voltage_l1", "address"),
+    "address_outside_modicon_range": (
+        "modicon", _point("voltage_l1", 40001, "f32", "V"), "voltage_l1", "address"),
+    "duplicate_point_name": (
+        "raw",
+        _point("voltage_l1", 0, "f32", "V") + _point("voltage_l1", 10, "f32", "V"),
+        "voltage_l1", "name"),
+    "shared_quantity_wrong_unit": ("raw", _point("power", 0, "f32", "kW"), "power", "unit"),
+}
+
+@pytest.mark.parametrize("case", list(BAD_PROFILES))
+def test_bad_profile_is_rejected_naming_file_line_point_and_field(case: str, tmp_path: Path) -> None:
+    addressing, points, point, field = BAD_PROFILES[case]
+    text = _HEAD.format(addressing=addressing) + points
+    path = tmp_path / f"bad_{case}.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    message = str(caught.value)
+
+    assert str(path) in message, message
+    # point and field must be named by the problem itself (the file name would contain the case name)
+    named = [f"{field_path} {msg}" for _line, field_path, msg in caught.value.problems]
+    assert any(f"points[{point}]" in problem for problem in named), message
+    assert any(re.search(rf"\b{field}\b", problem) for problem in named), message
+    # the line must lie inside the offending point's block (the later one of an overlapping/duplicate pair)
+    first, last = _block_of(text, point)
+    lines = [line for line, _field, _msg in caught.value.problems]
+    assert lines, message
+    assert all(line is not None and first <= line <= last for line in lines), (lines, first, last, message)
+    assert f":{lines[0]}:" in message
+
+
+@pytest.mark.parametrize("case", ["count_does_not_fit_type", "shared_quantity_wrong_unit"])
+def test_bad_field_error_points_at_the_fields_own_line(case: str, tmp_path: Path) -> None:
+    addressing, points, point, field = BAD_PROFILES[case]
+    text = _HEAD.format(addressing=addressing) + points
+    path = tmp_path / f"bad_{case}.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    line, field_path, _msg = caught.value.problems[0]
+    assert field_path == f"points[{point}].{field}"
+    assert line == _line_of(text, f"{field}:", start=_line_of(text, f"- name: {point}"))
+
+
+def test_profile_without_source_is_rejected(tmp_path: Path) -> None:
+    text = "\n".join(line for line in _HEAD.format(addressing="raw").splitlines()
+                     if not line.startswith(("source:", "  document:", "  confidence:"))) + "\n"
+    text += _point("voltage_l1", 0, "f32", "V")
+    path = tmp_path / "no_source.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "source" in message and "missing" in message
+    assert all(line is not None for line, _f, _m in caught.value.problems)
+
+
+def test_profile_with_empty_source_document_is_rejected(tmp_path: Path) -> None:
+    text = _HEAD.format(addressing="raw").replace('"Test register map"', '""')
+    text += _point("voltage_l1", 0, "f32", "V")
+    path = tmp_path / "empty_source.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    assert "source.document" in str(caught.value)
+    assert f":{_line_of(text, 'document:')}:" in str(caught.value)
+
+
+def test_modicon_40000_is_not_an_input_register(tmp_path: Path) -> None:
+    path = tmp_path / "bad_input_40000.yaml"
+    text = _HEAD.format(addressing="modicon") + _point("voltage_l1", 40000, "u16", "V")
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError):
+        load_profile(path)
+
+
+def test_golden_vector_for_an_unknown_point_is_rejected(tmp_path: Path) -> None:
+    text = _HEAD.format(addressing="raw") + _point("voltage_l1", 0, "f32", "V") + textwrap.dedent("""\
+        golden:
+          - name: typo
+            source: "test"
+            registers: {input: {0: [0x4366, 0x0000]}}
+            expect: {voltage_11: 230.0}
+        """)
+    path = tmp_path / "bad_golden.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    assert "voltage_11" in str(caught.value)
+    assert f":{_line_of(text, 'voltage_11')}:" in str(caught.value)
+
+
+def test_golden_check_reports_a_wrong_expectation(tmp_path: Path) -> None:
+    """golden_check itself must fail loudly, or every test above is vacuous."""
+    text = _HEAD.format(addressing="raw") + _point("voltage_l1", 0, "f32", "V") + textwrap.dedent("""\
+        golden:
+          - name: off by one volt
+            source: "test"
+            registers: {input: {0: [0x4366, 0x0000]}}
+            expect: {voltage_l1: 231.0}
+        """)
+    path = tmp_path / "wrong_golden.yaml"
+    path.write_text(text, encoding="utf-8")
+    failures = golden_check(load_profile(path))
+    assert len(failures) == 1 and "voltage_l1" in failures[0] and "230.0" in failures[0]
+
+
+def test_sign_flip_keeps_the_register_count() -> None:
+    """Guards the mutation helper: flipping signedness must keep the registers a point spans."""
+    for signed, unsigned in _SIGN_FLIP.items():
+        assert REGISTER_COUNT[signed] == REGISTER_COUNT[unsigned]
