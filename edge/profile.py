@@ -242,12 +242,12 @@ class Profile(_Strict):
         factor = p.scale
         if p.scale_register is not None:
             sf = raw.get(p.scale_register)
-            if sf is None or isinstance(sf, str) or not -20 <= int(sf) <= 20:
-                return None  # SunSpec scale factors are small exponents; anything else is not a value
+            if sf is None or isinstance(sf, str) or not -10 <= int(sf) <= 10:
+                return None  # SunSpec allows exponents -10..10; anything else is not a value
             factor *= 10.0 ** int(sf)
         result = float(value * factor + p.offset)
         # integer registers times decimal scales (2345 × 0.1) should not print as 234.50000000000003
-        return result if p.type in ("f32", "f64") else round(result, 10)
+        return result if p.type in ("f32", "f64") else float(f"{result:.12g}")
 
 
 def _raw_int(words: list[int]) -> int:
