@@ -13,8 +13,9 @@ one request, against 125 registers). The planner's rules, for both units:
   in such a range is read alone (the profile asks for it, so it is tried, but nothing is merged
   with it);
 - a request never crosses a *break*: ``(table, address)`` means no request may hold both
-  ``address - 1`` and ``address``. DeviceReader learns breaks from devices that reject a merged
-  request. ``no_merge`` (points read alone) is the older, coarser form of the same thing.
+  ``address - 1`` and ``address`` (a break inside a point is ignored: a point cannot be split).
+  DeviceReader learns breaks from devices that reject a merged request. ``no_merge`` (points read
+  alone) is the older, coarser form of the same thing.
 
 Within these rules the greedy sweep below gives the fewest requests: every rule only forbids a
 request from growing, so a contiguous run of sorted points that is acceptable stays acceptable when
@@ -109,34 +110,30 @@ def plan(profile: Profile, points: Iterable[Point] | None = None, *, max_registe
         limit = _limit(profile, table, max_registers)
         table_cuts = sorted(set(cuts.get(table, ())))
         table_failing = failing.get(table, [])
-        cur: list[_Span] = []
+        groups: list[list[_Span]] = []
         cur_first = cur_last = 0
-
-        def flush() -> None:
-            if cur:
-                requests.append(Request(table, cur_first, cur_last - cur_first + 1, tuple(s.name for s in cur)))
-                cur.clear()
-
         for span in spans:
-            if cur:
+            if groups:
+                cur = groups[-1]
                 new_last = max(cur_last, span.last)
                 mergeable = (
                     not span.alone
                     and not cur[0].alone
                     and span.first - cur_last - 1 <= gap
                     and new_last - cur_first + 1 <= limit
-                    # a break b splits the request when first < b <= last
-                    and not _any_in(table_cuts, cur_last + 1, new_last)
+                    # a break b between the request so far and this point (one inside a point is moot)
+                    and not _any_in(table_cuts, cur_last + 1, span.first)
                     and not any(f0 <= new_last and cur_first <= f1 for f0, f1 in table_failing)
                 )
                 if mergeable:
                     cur.append(span)
                     cur_last = new_last
                     continue
-                flush()
-            cur.append(span)
+            groups.append([span])
             cur_first, cur_last = span.first, span.last
-        flush()
+        for g in groups:
+            first, last = g[0].first, max(s.last for s in g)
+            requests.append(Request(table, first, last - first + 1, tuple(s.name for s in g)))
     return requests
 
 

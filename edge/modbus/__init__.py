@@ -2,7 +2,13 @@
 
 from edge.modbus._backoff import Backoff
 from edge.modbus._errors import (
-    NO_ANSWER_CODES, SPLIT_CODES, DeviceBackoff, DeviceError, LineDown, ModbusExceptionReply, ReadTimeout,
+    NO_ANSWER_CODES,
+    SPLIT_CODES,
+    DeviceBackoff,
+    DeviceError,
+    LineDown,
+    ModbusExceptionReply,
+    ReadTimeout,
 )
 from edge.modbus._line import LineSpec, LineStats, ModbusLine
 from edge.modbus._reader import DeviceReader, ReadResult

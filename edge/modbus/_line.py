@@ -38,10 +38,15 @@ from pymodbus.framer import FramerType
 
 from edge.modbus._backoff import Backoff
 from edge.modbus._errors import (
-    NO_ANSWER_CODES, DeviceBackoff, DeviceError, LineDown, ModbusExceptionReply, ReadTimeout,
+    NO_ANSWER_CODES,
+    DeviceBackoff,
+    DeviceError,
+    LineDown,
+    ModbusExceptionReply,
+    ReadTimeout,
 )
 
-__all__ = ["LineSpec", "LineStats", "ModbusLine", "TABLES"]
+__all__ = ["TABLES", "LineSpec", "LineStats", "ModbusLine"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +155,7 @@ class ModbusLine:
     def __init__(self, spec: LineSpec, *, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
         self.spec = spec
+        self._key = spec.key  # resolved once: a by-id symlink may point elsewhere after a replug
         self.stats = LineStats()
         self._clock = clock
         self._rng = rng or random.Random()
@@ -171,7 +177,7 @@ class ModbusLine:
 
     @property
     def key(self) -> str:
-        return self.spec.key
+        return self._key
 
     @property
     def connected(self) -> bool:
@@ -227,6 +233,10 @@ class ModbusLine:
             except DeviceError:
                 job.future.cancel()
                 raise
+        if self._worker is not None and not self._worker.done() and self._worker.get_loop() is not loop:
+            # left behind by an event loop that is gone (tests, a restarted service): start afresh
+            self._worker = None
+            self._queue = deque(j for j in self._queue if j.future.get_loop() is loop)
         self._queue.append(job)
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work(), name=f"modbus line {self.key}")
@@ -234,12 +244,14 @@ class ModbusLine:
 
     async def close(self) -> None:
         """Fail queued reads, stop the worker and close the connection. A later read reopens it."""
+        loop = asyncio.get_running_loop()
         while self._queue:
             job = self._queue.popleft()
-            if not job.future.done():
+            if not job.future.done() and job.future.get_loop() is loop:
                 job.future.set_exception(LineDown(f"{self.key} closed"))
         worker, self._worker = self._worker, None
-        if worker is not None and not worker.done() and worker is not asyncio.current_task():
+        if (worker is not None and not worker.done() and worker.get_loop() is loop
+                and worker is not asyncio.current_task()):
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await worker
@@ -386,7 +398,7 @@ class ModbusLine:
         self.stats.connects += 1
         try:
             ok = await asyncio.wait_for(client.connect(), self.spec.timeout + 1.0)
-        except (OSError, asyncio.TimeoutError, ModbusException):
+        except (TimeoutError, OSError, ModbusException):
             ok = False
         if not ok or not client.connected:
             with contextlib.suppress(Exception):
@@ -451,7 +463,7 @@ class ModbusLine:
             reply = task.result()
         except ConnectionException as err:
             raise _ConnectionLost(str(err)) from None
-        except (ModbusIOException, asyncio.TimeoutError) as err:
+        except (TimeoutError, ModbusIOException) as err:
             if lost.is_set():
                 raise _ConnectionLost("the other end closed the connection") from None
             raise ReadTimeout(f"no answer from {where}: {err}") from None

@@ -1,10 +1,11 @@
 """Read a whole device through its profile with the fewest requests.
 
 A device that rejects a merged request (exception 2, 3 or 4: it lacks a register in a gap, or will
-not give that many at once) gets the request bisected: both halves are read, recursively, and a
-*break* is remembered where the request was cut, so the next plan never merges across it. The
-device pays the search once (about 2·log2(n) extra requests for a request of n points); later reads
-use the split plan and see no exception. For exception 4, which a failing device also answers to
+not give that many at once) gets the request cut in two, at its widest gap (or in the middle when
+there is none); both parts are read, recursively, and a *break* is remembered where the request
+was cut, so the next plan never merges across it. The device pays the search once (at most 2n-1
+requests for a request of n points, usually far fewer); later reads use the split plan and see no
+exception. For exception 4, which a failing device also answers to
 everything, a break is only remembered when some part of the split was read successfully.
 
 A device that does not answer (timeout, line down, backing off) ends the read at once: the
@@ -176,9 +177,18 @@ class DeviceReader:
         return None
 
     def _halves(self, req: Request) -> tuple[Request, Request]:
-        pts = sorted((self.profile.by_name[n] for n in req.points), key=lambda p: (self.profile.wire(p), p.name))
-        mid = len(pts) // 2
-        return self._request(req.table, pts[:mid]), self._request(req.table, pts[mid:])
+        """Cut a rejected request in two: at its widest gap (where a hole in the device's map is
+        likeliest), or, with no gaps (the device refuses the size), nearest the middle."""
+        wire = self.profile.wire
+        pts = sorted((self.profile.by_name[n] for n in req.points), key=lambda p: (wire(p), p.name))
+        middle = req.address + req.count / 2
+
+        def score(i: int) -> tuple[int, float]:
+            reach = max(wire(p) + p.registers for p in pts[:i])
+            return wire(pts[i]) - reach, -abs(wire(pts[i]) - middle)
+
+        cut = max(range(1, len(pts)), key=score)
+        return self._request(req.table, pts[:cut]), self._request(req.table, pts[cut:])
 
     def _request(self, table: str, pts: list[Point]) -> Request:
         first = min(self.profile.wire(p) for p in pts)

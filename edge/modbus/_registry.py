@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Self
 
 from edge.modbus._line import LineSpec, ModbusLine
 
@@ -50,7 +51,7 @@ class LineRegistry:
         for line in lines:
             await line.close()
 
-    async def __aenter__(self) -> LineRegistry:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
@@ -120,7 +120,7 @@ class SimServer:
             return None  # the server never handles it: no answer at all
         return pdu
 
-    async def start(self) -> SimServer:
+    async def start(self) -> Self:
         devices = [sim_device(u, img, holes=self.holes, action=self.actions.get(u)) for u, img in self.units.items()]
         framer = FramerType.RTU if self.framer == "rtu" else FramerType.SOCKET
         if self.serial_port is not None:
@@ -141,7 +141,7 @@ class SimServer:
             await server.shutdown()
             await asyncio.sleep(0)
 
-    async def __aenter__(self) -> SimServer:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -161,14 +161,15 @@ class SimServer:
         """A LineSpec that reaches this server."""
         if self.serial_port is not None:
             return LineSpec(kind="rtu", serial_port=self.serial_port, baudrate=115200, **kw)
-        kind = "rtu_over_tcp" if self.framer == "rtu" else "tcp"
-        return LineSpec(kind=kind, host=self.host, port=self.port, **kw)
+        if self.framer == "rtu":
+            return LineSpec(kind="rtu_over_tcp", host=self.host, port=self.port, **kw)
+        return LineSpec(kind="tcp", host=self.host, port=self.port, **kw)
 
     def requests_for(self, unit_id: int) -> list[Observed]:
         return [o for o in self.seen if o.unit_id == unit_id]
 
 
-def image_for(profile: Profile, values: dict[str, float | int | str], image: Image | None = None) -> Image:
+def image_for(profile: Profile, values: Mapping[str, float | str], image: Image | None = None) -> Image:
     """Encode engineering values into a register image, in the profile's word and byte order.
 
     The inverse of Profile.decode for plain points (scale and offset are undone; a point with a
@@ -185,7 +186,7 @@ def image_for(profile: Profile, values: dict[str, float | int | str], image: Ima
     return image
 
 
-def _encode(profile: Profile, p: Point, value: float | int | str, values: dict[str, float | int | str]) -> list[int]:
+def _encode(profile: Profile, p: Point, value: float | str, values: Mapping[str, float | str]) -> list[int]:
     if p.table in ("coil", "discrete"):
         return [1 if value else 0] * p.registers
     if p.type == "string":
@@ -199,9 +200,9 @@ def _encode(profile: Profile, p: Point, value: float | int | str, values: dict[s
                         word_order=word_order, byte_order=byte_order)
 
 
-def synthetic_values(profile: Profile) -> dict[str, float | int | str]:
+def synthetic_values(profile: Profile) -> dict[str, float | str]:
     """A plausible value for every point: mid-range numbers, the first enum member, short strings."""
-    out: dict[str, float | int | str] = {}
+    out: dict[str, float | str] = {}
     for p in profile.points:
         if p.table in ("coil", "discrete"):
             out[p.name] = 1
