@@ -29,6 +29,14 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(collector_app, name="collector")
 app.add_typer(api_app, name="api")
+# parts that grow on their own: each module keeps its imports inside its commands
+from collector.balance.cli import app as balance_app  # noqa: E402
+from gateway.commission.cli import app as commission_app  # noqa: E402
+from kwwk.broker_cli import app as broker_app  # noqa: E402
+
+app.add_typer(balance_app, name="balance")
+app.add_typer(commission_app, name="commission")
+app.add_typer(broker_app, name="broker")
 
 DEFAULT_CELLS = Path("firmware_configs/cells")
 CellOpt = Annotated[Path, typer.Option("--cell", help="cell config file", exists=True, dir_okay=False)]
