@@ -23,17 +23,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
+from collector.audit import BATCH_MEASUREMENT, GapAuditor
 from collector.lineprotocol import Row, encode
 from collector.metrics import CollectorMetrics
 from collector.registry import Registry
-from collector.storage import StorageError, Writer
+from collector.storage import InfluxSettings, StorageError, Writer
 from edge.telemetry import TOPIC_ROOT, TelemetryBatch, deadletter_topic, parse_topic
 
 __all__ = ["CollectorSettings", "Ingest", "SHARE_GROUP"]
 
 log = structlog.get_logger("kwwk.collector")
 SHARE_GROUP = "kwwk-collectors"
-BATCH_MEASUREMENT = "kwwk_batches"
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class CollectorSettings:
     flush_interval_s: float = 0.5
     receive_maximum: int = 500
     session_expiry_s: int = 7 * 86400
+    audit_interval_s: float = 15.0
+    audit_grace_s: float = 10.0
 
 
 @dataclass
@@ -71,7 +73,7 @@ class _Parsed:
 
 class Ingest:
     def __init__(self, settings: CollectorSettings, registry: Registry, writer: Writer,
-                 metrics: CollectorMetrics | None = None) -> None:
+                 metrics: CollectorMetrics | None = None, auditor_influx: InfluxSettings | None = None) -> None:
         self.s = settings
         self.registry = registry
         self.writer = writer
@@ -79,7 +81,7 @@ class Ingest:
         self._queue: queue.Queue[_Msg] = queue.Queue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self.last_seq: dict[tuple[str, str], int] = {}
+        self._seen: dict[tuple[str, str, str], set[int]] = {}
         self.gateway_status: dict[tuple[str, str], dict[str, Any]] = {}
         self.last_write_ok: float | None = None
         self.connected = False
@@ -93,7 +95,10 @@ class Ingest:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(0.5, 10)
+        self._client.reconnect_delay_set(0.2, 2)
+        self.auditor = (GapAuditor(auditor_influx, self._publish_request, self.metrics, grace_s=settings.audit_grace_s)
+                        if auditor_influx is not None else None)
+        self._auditor_thread: threading.Thread | None = None
 
     # -- MQTT side (paho's network thread) -----------------------------------------------------
     def start(self) -> None:
@@ -105,6 +110,18 @@ class Ingest:
         self._client.loop_start()
         self._worker = threading.Thread(target=self._work, name="kwwk.collector.writer", daemon=True)
         self._worker.start()
+        if self.auditor is not None:
+            self._auditor_thread = threading.Thread(target=self._audit_loop, name="kwwk.collector.audit", daemon=True)
+            self._auditor_thread.start()
+
+    def _audit_loop(self) -> None:
+        assert self.auditor is not None
+        while not self._stop.wait(self.s.audit_interval_s):
+            if self.connected:
+                self.auditor.run_once()
+
+    def _publish_request(self, topic: str, payload: bytes) -> None:
+        self._client.publish(topic, payload, qos=1)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
         if reason.is_failure:
@@ -213,21 +230,21 @@ class Ingest:
             (measurement, (("cell", batch.cell), ("gateway", batch.gateway), ("device", device)), ts, fields)
             for (measurement, device, ts), fields in rows.items()
         ]
-        out.append((BATCH_MEASUREMENT, (("cell", batch.cell), ("gateway", batch.gateway)), batch.sent,
+        out.append((BATCH_MEASUREMENT, (("cell", batch.cell), ("gateway", batch.gateway), ("stream", batch.stream)),
+                    batch.sent,
                     {"seq": float(batch.seq), "readings": float(len(batch.readings)),
                      "replay": 1.0 if batch.replay else 0.0}))
         return _Parsed(m, out, stored, bad)
 
     def _track_seq(self, batch: TelemetryBatch) -> None:
-        key = (batch.cell, batch.gateway)
-        last = self.last_seq.get(key)
-        if last is not None:
-            if batch.seq > last + 1:
-                self.metrics.seq_gaps.labels(*key).inc(batch.seq - last - 1)
-                log.warning("sequence gap", cell=key[0], gateway=key[1], expected=last + 1, got=batch.seq)
-            elif batch.seq <= last:
-                self.metrics.seq_duplicates.labels(*key).inc()
-        self.last_seq[key] = max(batch.seq, last if last is not None else -1)
+        """Count repeats seen by this replica; gaps are found by the auditor, which sees what all replicas stored."""
+        key = (batch.cell, batch.gateway, batch.stream)
+        seen = self._seen.setdefault(key, set())
+        if batch.seq in seen:
+            self.metrics.seq_duplicates.labels(batch.cell, batch.gateway).inc()
+        seen.add(batch.seq)
+        if len(seen) > 100_000:
+            self._seen[key] = set(sorted(seen)[-50_000:])
 
     def _store(self, parsed: list[_Parsed]) -> None:
         rows = [r for p in parsed for r in p.rows]

@@ -21,8 +21,14 @@ class CollectorMetrics:
         self.lag_seconds = Histogram("kwwk_collector_lag_seconds", "From a reading's timestamp to its storage",
                                      buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400), registry=r)
         self.queue_depth = Gauge("kwwk_collector_queue_messages", "Messages received, not yet stored", registry=r)
-        self.seq_gaps = Counter("kwwk_collector_sequence_gaps_total", "Missing sequence numbers per gateway",
+        self.seq_gaps = Counter("kwwk_collector_sequence_gaps_total", "Sequence numbers found missing in storage, per gateway",
                                 ["cell", "gateway"], registry=r)
+        self.gaps_recovered = Counter("kwwk_collector_sequence_gaps_recovered_total",
+                                      "Missing sequence numbers later filled by a resend", ["cell", "gateway"],
+                                      registry=r)
+        self.gaps_open = Gauge("kwwk_collector_sequence_gaps_open", "Sequence numbers still missing", registry=r)
+        self.audit_up = Gauge("kwwk_collector_audit_up", "1 when the sequence audit can query the database",
+                              registry=r)
         self.seq_duplicates = Counter("kwwk_collector_sequence_duplicates_total",
                                       "Repeated sequence numbers per gateway (redeliveries)", ["cell", "gateway"],
                                       registry=r)

@@ -20,7 +20,7 @@ async def run_collector(settings: CollectorSettings, influx: InfluxSettings, reg
                         health_host: str = "127.0.0.1", health_port: int = 0,
                         stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
-    ingest = Ingest(settings, registry, make_writer(influx))
+    ingest = Ingest(settings, registry, make_writer(influx), auditor_influx=influx)
     health = HealthServer(ingest.metrics.registry, ingest.health, health_host, health_port)
     await health.start()
     ingest.start()

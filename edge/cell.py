@@ -121,11 +121,24 @@ class MqttIdentity(_Strict):
     password_file: str | None = None
 
 
+class OutboxSpec(_Strict):
+    """Bounds of the gateway's store-and-forward buffer, and what to do when it is full."""
+
+    max_mb: float = Field(512, gt=0, description="disk the outbox may use")
+    max_readings: int = Field(10_000_000, ge=100)
+    max_age_days: float = Field(60, gt=0, description="readings older than this are dropped (counted)")
+    overflow: Literal["drop_oldest", "drop_newest"] = Field(
+        "drop_oldest", description="drop_oldest keeps the present visible; drop_newest keeps the oldest gap-free")
+    fsync: Literal["full", "normal"] = Field("full", description="full survives power loss; normal only a crash")
+    batch_readings: int = Field(500, ge=1, le=50_000, description="readings per MQTT message")
+
+
 class Gateway(_Strict):
     id: Ident
     name: str | None = None
     poll_interval: float = Field(10.0, ge=0.1, le=86400)
     mqtt: MqttIdentity = MqttIdentity()
+    outbox: OutboxSpec = OutboxSpec()
     lines: list[SerialLine] = Field(default_factory=list)
     devices: list[Device] = Field(min_length=1)
 

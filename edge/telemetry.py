@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
-    "SCHEMA", "Quality", "Reading", "TelemetryBatch", "TOPIC_ROOT", "deadletter_topic", "parse_topic",
-    "status_topic", "telemetry_topic",
+    "SCHEMA", "Quality", "Reading", "ResendRequest", "TelemetryBatch", "TOPIC_ROOT", "deadletter_topic",
+    "parse_topic", "resend_topic", "status_topic", "telemetry_topic",
 ]
 
 SCHEMA = "kwwk.telemetry/1"
@@ -31,6 +31,11 @@ def telemetry_topic(cell: str, gateway: str) -> str:
 
 def status_topic(cell: str, gateway: str) -> str:
     return f"{TOPIC_ROOT}/{cell}/{gateway}/status"
+
+
+def resend_topic(cell: str, gateway: str) -> str:
+    """Where collectors ask a gateway to send acknowledged batches again (the gateway subscribes)."""
+    return f"{TOPIC_ROOT}/{cell}/{gateway}/resend"
 
 
 def deadletter_topic(cell: str, gateway: str) -> str:
@@ -70,6 +75,8 @@ class TelemetryBatch(BaseModel):
     schema_: Literal["kwwk.telemetry/1"] = Field(SCHEMA, alias="schema")
     cell: Ident
     gateway: Ident
+    stream: str = Field(pattern=r"^[a-z0-9]{1,32}$",
+                        description="id of the gateway's outbox; sequence numbers count within one stream")
     seq: int = Field(ge=0, description="per-gateway message number; survives restarts")
     sent: int = Field(ge=_TS_MIN, le=_TS_MAX, description="when the gateway published, UTC ms")
     replay: bool = Field(False, description="true when sent from the outbox after an outage")
@@ -77,3 +84,11 @@ class TelemetryBatch(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
+
+
+class ResendRequest(BaseModel):
+    """A collector noticed missing sequence numbers and asks for those batches again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stream: str = Field(pattern=r"^[a-z0-9]{1,32}$")
+    seqs: list[int] = Field(min_length=1, max_length=1000)

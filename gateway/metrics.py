@@ -30,6 +30,10 @@ class GatewayMetrics:
                                  ["replay"], registry=r)
         self.published_readings = Counter("kwwk_gateway_published_readings_total",
                                           "Readings acknowledged by the broker", registry=r)
+        self.resent = Counter("kwwk_gateway_resent_batches_total", "Archived batches sent again on request",
+                              registry=r)
+        self.resend_missing = Counter("kwwk_gateway_resend_missing_total",
+                                      "Resend requests for batches no longer kept", registry=r)
         self.last_puback = Gauge("kwwk_gateway_last_puback_timestamp_seconds", "Time of the last PUBACK", registry=r)
         self.connected = Gauge("kwwk_gateway_broker_connected", "1 while connected to the broker", registry=r)
         self.connects = Counter("kwwk_gateway_broker_connects_total", "Broker connection attempts by result",

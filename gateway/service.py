@@ -15,6 +15,7 @@ from edge.telemetry import Reading
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Outbox
 from gateway.poller import build_pollers
+from gateway.systemd import Systemd
 from gateway.uplink import BrokerSettings, Uplink
 from kwwk.obs import HealthServer
 
@@ -25,15 +26,19 @@ log = structlog.get_logger("kwwk.gateway")
 
 class GatewayService:
     def __init__(self, cfg: CellConfig, gateway_id: str, broker: BrokerSettings, outbox_path: Path,
-                 health_host: str = "127.0.0.1", health_port: int = 0, **outbox_options: Any) -> None:
+                 health_host: str = "127.0.0.1", health_port: int = 0) -> None:
         self.cfg = cfg
         self.gateway = cfg.gateway(gateway_id)
         self.metrics = GatewayMetrics()
-        self.outbox = Outbox(outbox_path, **outbox_options)
-        self.uplink = Uplink(cfg.cell.id, self.gateway.id, self.outbox, broker, self.metrics)
+        spec = self.gateway.outbox
+        self.outbox = Outbox(outbox_path, max_readings=spec.max_readings, max_age_s=spec.max_age_days * 86400,
+                             max_bytes=int(spec.max_mb * 2**20), overflow=spec.overflow, fsync=spec.fsync)
+        self.uplink = Uplink(cfg.cell.id, self.gateway.id, self.outbox, broker, self.metrics,
+                             batch_size=spec.batch_readings)
         self.pollers, self.lines = build_pollers(cfg, self.gateway, self._store, self.metrics)
         self.health = HealthServer(self.metrics.registry, self.healthz, health_host, health_port)
         self._dropped_seen: dict[str, int] = {}
+        self.systemd = Systemd()
         self.started = time.time()
 
     def _store(self, readings: list[Reading]) -> None:
@@ -66,10 +71,17 @@ class GatewayService:
                 "outbox_dropped": dict(self.outbox.dropped), "devices": devices}
 
     async def _housekeeping(self) -> None:
+        """Expire old readings, refresh gauges, and pet systemd's watchdog: if this loop stalls, systemd restarts us."""
+        period = min(5.0, self.systemd.watchdog_interval or 5.0)
         while True:
-            await asyncio.sleep(5)
+            self.systemd.watchdog()
+            await asyncio.sleep(period)
             self.outbox.expire()
+            self.outbox.prune_sent()
+            self.outbox.enforce_size()
             self._sync_outbox_metrics()
+            self.systemd.status(f"outbox {self.outbox.depth} readings, broker "
+                                f"{'connected' if self.uplink.connected else 'unreachable'}")
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -80,6 +92,8 @@ class GatewayService:
         tasks = [asyncio.create_task(p.run(), name=f"kwwk.poll.{p.device.id}") for p in self.pollers]
         tasks.append(asyncio.create_task(self.uplink.run(), name="kwwk.uplink"))
         tasks.append(asyncio.create_task(self._housekeeping(), name="kwwk.housekeeping"))
+        self.systemd.ready(f"polling {len(self.pollers)} devices")
+        waiter: asyncio.Task[bool] | None = None
         try:
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -87,6 +101,9 @@ class GatewayService:
                 if t is not waiter and t.exception():
                     raise t.exception()  # type: ignore[misc]
         finally:
+            self.systemd.stopping()
+            if waiter is not None:
+                waiter.cancel()
             for t in tasks:
                 t.cancel()
             for t in tasks:

@@ -16,7 +16,9 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.telemetry import SCHEMA, TelemetryBatch, status_topic, telemetry_topic
+from pydantic import ValidationError
+
+from edge.telemetry import SCHEMA, ResendRequest, TelemetryBatch, resend_topic, status_topic, telemetry_topic
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Batch, Outbox
 
@@ -36,6 +38,7 @@ class BrokerSettings:
     cert_file: str | None = None
     key_file: str | None = None
     keepalive: int = 30
+    reconnect_max_s: float = 30.0
     session_expiry_s: int = 7 * 86400
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -62,6 +65,8 @@ class Uplink:
         self.last_puback: float | None = None
         self.topic = telemetry_topic(cell, gateway)
         self.status = status_topic(cell, gateway)
+        self.resend = resend_topic(cell, gateway)
+        self._resent_at: dict[int, float] = {}
 
     def _status(self, state: str) -> bytes:
         return json.dumps({"schema": SCHEMA, "gateway": self.gateway, "cell": self.cell, "state": state,
@@ -87,15 +92,19 @@ class Uplink:
                     self.metrics.connects.labels("ok").inc()
                     log.info("connected to broker", host=s.host, port=s.port, tls=s.tls)
                     await client.publish(self.status, self._status("online"), qos=1, retain=True)
+                    await client.subscribe(self.resend, qos=1)
                     try:
-                        await self._drain(client)
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._drain(client), name=f"kwwk[{self.gateway}].drain")
+                            tg.create_task(self._answer_resends(client), name=f"kwwk[{self.gateway}].resend")
                     except asyncio.CancelledError:
                         # a clean stop: the will only fires on an unclean one, so say offline ourselves
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(
                                 client.publish(self.status, self._status("offline"), qos=1, retain=True), 2)
                         raise
-            except aiomqtt.MqttError as err:
+            except* aiomqtt.MqttError as group:
+                err = group.exceptions[0]
                 self.metrics.connects.labels("failed").inc()
                 if self.connected:
                     log.warning("lost the broker", error=str(err), outbox=self.outbox.depth)
@@ -105,7 +114,7 @@ class Uplink:
                 self.connected = False
                 self.metrics.connected.set(0)
             attempt += 1
-            await asyncio.sleep(random.uniform(0.5, min(30.0, 1.5 ** min(attempt, 10))))  # noqa: S311
+            await asyncio.sleep(random.uniform(0.5, min(s.reconnect_max_s, 1.5 ** min(attempt, 10))))  # noqa: S311
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         for batch in self.outbox.in_flight():  # numbered before a crash or disconnect: same seq again
@@ -121,11 +130,38 @@ class Uplink:
                 continue
             await self._send(client, batch)
 
-    async def _send(self, client: aiomqtt.Client, batch: Batch, resend: bool = False) -> None:
+    async def _answer_resends(self, client: aiomqtt.Client) -> None:
+        """Send archived batches again when a collector found their sequence numbers missing."""
+        async for message in client.messages:
+            try:
+                request = ResendRequest.model_validate_json(message.payload)  # type: ignore[arg-type]
+            except ValidationError as err:
+                log.warning("ignored a malformed resend request", error=str(err)[:200])
+                continue
+            if request.stream != self.outbox.stream:
+                continue  # about an earlier outbox of this gateway: nothing we can do
+            now = time.monotonic()
+            for seq in sorted(set(request.seqs)):
+                if now - self._resent_at.get(seq, -1e9) < 20:
+                    continue  # several collector replicas may ask for the same batch
+                batch = self.outbox.sent_batch(seq)
+                if batch is None:
+                    self.metrics.resend_missing.inc()
+                    log.warning("asked to resend a batch no longer kept", seq=seq)
+                    continue
+                self._resent_at[seq] = now
+                await self._send(client, batch, resend=True, archived=True)
+                self.metrics.resent.inc()
+            if len(self._resent_at) > 10_000:
+                self._resent_at = {s: t for s, t in self._resent_at.items() if now - t < 20}
+
+    async def _send(self, client: aiomqtt.Client, batch: Batch, resend: bool = False, archived: bool = False) -> None:
         msg = TelemetryBatch.model_construct(
-            schema_=SCHEMA, cell=self.cell, gateway=self.gateway, seq=batch.seq, sent=int(time.time() * 1000),
-            replay=batch.replay or resend, readings=batch.readings)
+            schema_=SCHEMA, cell=self.cell, gateway=self.gateway, stream=self.outbox.stream, seq=batch.seq,
+            sent=int(time.time() * 1000), replay=batch.replay or resend, readings=batch.readings)
         await client.publish(self.topic, msg.to_json(), qos=1)  # returns after the broker's PUBACK
+        if archived:
+            return
         self.outbox.ack(batch.seq)
         self.last_puback = time.time()
         self.metrics.last_puback.set(self.last_puback)

@@ -44,8 +44,10 @@ def setup_logging(level: str = "INFO", json_logs: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("pymodbus", "httpx", "httpcore", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pymodbus logs every timeout as an ERROR with frame dumps; our readers report failures themselves
+    logging.getLogger("pymodbus").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL)
 
 
 class HealthServer:

@@ -20,21 +20,9 @@ from gateway.service import GatewayService
 from gateway.uplink import BrokerSettings
 from kwwk.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, with_free_ports
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-async def _wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.2)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 async def test_register_change_reaches_influxdb(tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
@@ -58,7 +46,7 @@ async def test_register_change_reaches_influxdb(tmp_path: Path, mosquitto: Mosqu
             series = res["results"][0].get("series", [])
             return series[0]["values"] if series else []
 
-        rows = await _wait_for(lambda: found(), 15, "the pinned value in InfluxDB")
+        rows = await wait_for(lambda: found(), 15, "the pinned value in InfluxDB")
         ts = rows[0][0]
         assert abs(ts / 1000 - time.time()) < 30, "stored with the reading's own timestamp (UTC ms)"
         # the other counters arrive as floats with their decoded values
@@ -93,7 +81,7 @@ async def test_api_latest_matches_simulator(tmp_path: Path, mosquitto: Mosquitto
                 pts = body["devices"][0]["points"]
                 return body if all(p["value"] is not None for p in pts.values()) else None
 
-            body = await _wait_for(latest, 15, "every point in /latest")
+            body = await wait_for(latest, 15, "every point in /latest")
             pts = body["devices"][0]["points"]
             assert pts["voltage_l1"]["value"] == 233.25
             assert pts["voltage_l1"]["unit"] == "V"

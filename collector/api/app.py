@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel
 
-from collector.ingest import BATCH_MEASUREMENT
+from collector.audit import BATCH_MEASUREMENT
 from collector.query import InfluxQL, QueryError, ident, literal
 from collector.registry import Registry
 from collector.storage import InfluxSettings

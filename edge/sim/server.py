@@ -11,7 +11,9 @@ import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -44,7 +46,9 @@ class SimulatorServer:
         self.sites: dict[str, Site] = {}
         self.units: dict[tuple[str, str], _Unit] = {}  # (cell, device) -> unit
         self._endpoints: dict[tuple[str, int], list[tuple[str, _Unit]]] = {}
-        self._servers: list[ModbusTcpServer] = []
+        self._servers: dict[tuple[str, int], ModbusTcpServer] = {}
+        #: injected faults per (cell, device): answer with an exception, or never answer
+        self.faults: dict[tuple[str, str], Literal["exception", "timeout"]] = {}
         self._task: asyncio.Task[None] | None = None
         self._host_override = host_override
         for cfg in cells:
@@ -88,6 +92,11 @@ class SimulatorServer:
     def _action(self, cell_id: str, unit: _Unit):  # noqa: ANN202 - pymodbus callback signature
         async def action(function_code: int, start_address: int, address: int, count: int,
                          registers: list[int], set_values: list[int] | list[bool] | None) -> None:
+            fault = self.faults.get((cell_id, unit.device.id))
+            if fault == "exception":
+                return ExcCodes.DEVICE_FAILURE
+            if fault == "timeout":
+                await asyncio.sleep(3600)  # the client gives up long before; the task dies with the server
             table = _FC_TABLE.get(function_code)
             if table is None:
                 return None
@@ -122,12 +131,40 @@ class SimulatorServer:
         return SimDevice(unit.unit_id, simdata=(blocks[0], blocks[1], blocks[2], blocks[3]),
                          action=self._action(cell_id, unit))
 
+    def fault(self, cell: str, device: str, kind: Literal["exception", "timeout"] | None) -> None:
+        """Make a device answer every request with Modbus exception 4, or never answer; None heals it."""
+        if kind is None:
+            self.faults.pop((cell, device), None)
+        else:
+            self.faults[(cell, device)] = kind
+
+    def _endpoint_of(self, cell: str, device: str) -> tuple[str, int]:
+        for endpoint, units in self._endpoints.items():
+            if any(c == cell and u.device.id == device for c, u in units):
+                return endpoint
+        msg = f"no simulated device {cell}/{device}"
+        raise LookupError(msg)
+
+    async def set_offline(self, cell: str, device: str, offline: bool) -> None:
+        """Take a device's TCP endpoint down (dropping open connections) or bring it back."""
+        endpoint = self._endpoint_of(cell, device)
+        if offline:
+            server = self._servers.pop(endpoint, None)
+            if server is not None:
+                await server.shutdown()
+        elif endpoint not in self._servers:
+            await self._serve(endpoint)
+
+    async def _serve(self, endpoint: tuple[str, int]) -> None:
+        host, port = endpoint
+        devices = [self._simdevice(cell_id, u) for cell_id, u in self._endpoints[endpoint]]
+        server = ModbusTcpServer(devices, address=(self._host_override or host, port))
+        await server.serve_forever(background=True)
+        self._servers[endpoint] = server
+
     async def start(self) -> None:
-        for (host, port), units in self._endpoints.items():
-            devices = [self._simdevice(cell_id, u) for cell_id, u in units]
-            server = ModbusTcpServer(devices, address=(self._host_override or host, port))
-            await server.serve_forever(background=True)
-            self._servers.append(server)
+        for endpoint in self._endpoints:
+            await self._serve(endpoint)
         self._task = asyncio.create_task(self._run(), name="kwwk.sim.physics")
 
     async def _run(self) -> None:
@@ -140,7 +177,7 @@ class SimulatorServer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for server in self._servers:
+        for server in self._servers.values():
             with contextlib.suppress(Exception):
                 await server.shutdown()
         self._servers.clear()

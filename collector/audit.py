@@ -1,0 +1,112 @@
+"""Find sequence numbers missing from what is stored, and ask their gateways to send those batches again.
+
+Gaps are read from the database, not from one replica's memory: with a shared subscription each
+replica sees only part of a gateway's stream, but every replica writes `kwwk_batches`. The broker
+acknowledged the missing batches to the gateway, yet lost them (Mosquitto drops queued messages past
+its per-client limit and around its own restart); the gateway still keeps them in its archive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import structlog
+
+from collector.metrics import CollectorMetrics
+from collector.query import ident
+from collector.storage import InfluxSettings
+from edge.telemetry import ResendRequest, resend_topic
+
+__all__ = ["GapAuditor"]
+
+log = structlog.get_logger("kwwk.collector.audit")
+BATCH_MEASUREMENT = "kwwk_batches"
+Key = tuple[str, str, str]  # cell, gateway, stream
+
+
+@dataclass
+class _Gap:
+    noticed: float
+    requested: float = 0.0
+    tries: int = 0
+
+
+@dataclass
+class GapAuditor:
+    influx: InfluxSettings
+    publish: Callable[[str, bytes], None]
+    metrics: CollectorMetrics
+    window_s: int = 3600
+    grace_s: float = 10.0
+    retry_s: float = 30.0
+    max_tries: int = 20
+    gaps: dict[tuple[Key, int], _Gap] = field(default_factory=dict)
+    available: bool = True
+
+    def stored_seqs(self) -> dict[Key, set[int]]:
+        q = (f"SELECT {ident('seq')} FROM {ident(BATCH_MEASUREMENT)} WHERE time > now() - {int(self.window_s)}s "
+             f"GROUP BY {ident('cell')}, {ident('gateway')}, {ident('stream')}")
+        headers = {"Authorization": f"Token {self.influx.token}"} if self.influx.token else {}
+        auth = (self.influx.username, self.influx.password or "") if self.influx.username else None
+        r = httpx.post(f"{self.influx.url}/query", data={"db": self.influx.database, "q": q}, headers=headers,
+                       auth=auth, timeout=self.influx.timeout_s)
+        r.raise_for_status()
+        out: dict[Key, set[int]] = {}
+        for result in r.json().get("results", []):
+            if "error" in result:
+                raise httpx.HTTPError(result["error"])
+            for s in result.get("series", []):
+                t = s.get("tags", {})
+                out[(t.get("cell", ""), t.get("gateway", ""), t.get("stream", ""))] = {int(v[1]) for v in s["values"]}
+        return out
+
+    def run_once(self, now: float | None = None) -> int:
+        """One audit; returns how many sequence numbers were requested again."""
+        now = now or time.time()
+        try:
+            stored = self.stored_seqs()
+        except (httpx.HTTPError, ValueError) as err:
+            if self.available:
+                log.warning("cannot audit sequence numbers: the database does not answer InfluxQL", error=str(err))
+            self.available = False
+            self.metrics.audit_up.set(0)
+            return 0
+        self.available = True
+        self.metrics.audit_up.set(1)
+        requested = 0
+        live: set[tuple[Key, int]] = set()
+        for key, seqs in stored.items():
+            missing = set(range(min(seqs), max(seqs) + 1)) - seqs
+            if len(missing) > 100_000:
+                log.error("implausible sequence gap; auditing only the newest", cell=key[0], gateway=key[1],
+                          missing=len(missing))
+                missing = set(sorted(missing)[-1000:])
+            due: list[int] = []
+            for seq in missing:
+                live.add((key, seq))
+                gap = self.gaps.get((key, seq))
+                if gap is None:
+                    gap = self.gaps[(key, seq)] = _Gap(now)
+                    self.metrics.seq_gaps.labels(key[0], key[1]).inc()
+                    log.warning("sequence gap", cell=key[0], gateway=key[1], stream=key[2], seq=seq)
+                if now - gap.noticed >= self.grace_s and now - gap.requested >= self.retry_s:
+                    if gap.tries >= self.max_tries:
+                        continue
+                    gap.requested, gap.tries = now, gap.tries + 1
+                    due.append(seq)
+            for chunk in (sorted(due)[i:i + 1000] for i in range(0, len(due), 1000)):
+                self.publish(resend_topic(key[0], key[1]), ResendRequest(stream=key[2], seqs=chunk).model_dump_json()
+                             .encode())
+                requested += len(chunk)
+                log.info("asked a gateway to resend", cell=key[0], gateway=key[1], seqs=len(chunk))
+        for k in list(self.gaps):
+            if k not in live:
+                gap = self.gaps.pop(k)
+                if k[0] in stored:  # filled, not merely out of the window
+                    self.metrics.gaps_recovered.labels(k[0][0], k[0][1]).inc()
+                    log.info("sequence gap filled", cell=k[0][0], gateway=k[0][1], seq=k[1], tries=gap.tries)
+        self.metrics.gaps_open.set(len(self.gaps))
+        return requested

@@ -1,0 +1,88 @@
+"""Test helpers that talk to the real servers: an MQTT recorder, waiting, InfluxDB row reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.telemetry import Reading
+from gateway.service import GatewayService
+from kwwk.localservers import InfluxDB1
+
+
+class Recorder:
+    """Subscribes (persistent session, so a broker restart loses nothing) and keeps every message."""
+
+    def __init__(self, port: int, topic: str = "kwwk/v1/+/+/telemetry", client_id: str = "test-recorder") -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.raw: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_message = self._on_message
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect_async("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.raw.append((msg.topic, bytes(msg.payload)))
+            try:
+                self.messages.append(json.loads(msg.payload))
+            except ValueError:
+                pass
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class RecordingGateway(GatewayService):
+    """The real gateway, also remembering every reading it stored in its outbox."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.produced: list[Reading] = []
+
+    def _store(self, readings: list[Reading]) -> None:
+        self.produced.extend(readings)
+        super()._store(readings)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def rows(influx: InfluxDB1, measurement: str, where: str = "") -> list[dict[str, Any]]:
+    """Every stored row of a measurement (time in ms), as dicts, tags included."""
+    res = influx.query(f'SELECT * FROM "{measurement}" {where}')
+    series = res["results"][0].get("series", [])
+    out: list[dict[str, Any]] = []
+    for s in series:
+        out.extend(dict(zip(s["columns"], v, strict=True)) for v in s["values"])
+    return out

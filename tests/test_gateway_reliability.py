@@ -1,0 +1,316 @@
+"""The gateway never loses a reading: broker outages, SIGKILL, a full outbox (real Mosquitto, InfluxDB, simulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from collector.ingest import CollectorSettings
+from collector.registry import Registry
+from collector.service import run_collector
+from collector.storage import InfluxSettings
+from edge.cell import CellConfig, load_cell
+from edge.sim import SimulatorServer
+from gateway.uplink import BrokerSettings
+from kwwk.localservers import InfluxDB1, Mosquitto, free_port
+from tests.conftest import ROOT, with_free_ports
+from tests.helpers import Recorder, RecordingGateway, rows, wait_for
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_S = 60
+
+
+def _cell(tmp_path: Path, name: str = "twocell.yaml") -> CellConfig:
+    return load_cell(with_free_ports(ROOT / "tests/data" / name, tmp_path / "cells"))
+
+
+def _stored(influx: InfluxDB1, cfg: CellConfig) -> dict[tuple[str, str, int], float]:
+    """(device, point, ts) -> value of everything stored for the cell."""
+    out: dict[tuple[str, str, int], float] = {}
+    registry = Registry({cfg.cell.id: cfg})
+    for meas in registry.measurements:
+        for row in rows(influx, meas, f"WHERE \"cell\" = '{cfg.cell.id}'"):
+            for point in registry.device(cfg.cell.id, row["device"]).points:
+                if row.get(point) is not None:
+                    out[(row["device"], point, row["time"])] = row[point]
+    return out
+
+
+def _row_count(influx: InfluxDB1, cfg: CellConfig, before_ms: float) -> int:
+    registry = Registry({cfg.cell.id: cfg})
+    where = f"WHERE \"cell\" = '{cfg.cell.id}' AND time < {int(before_ms)}ms"
+    return sum(len(rows(influx, m, where)) for m in registry.measurements)
+
+
+async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
+    """Stop the broker for 60 s while the gateway polls: afterwards every reading is stored exactly once,
+    with its original timestamp, and the backlog arrived in order."""
+    cfg = _cell(tmp_path)
+    sim = SimulatorServer([cfg])
+    await sim.start()
+    recorder = Recorder(mosquitto.port)
+    stop = asyncio.Event()
+    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=mosquitto.port, reconnect_max_s=3), tmp_path / "ob.sqlite")
+    collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2,
+                                  audit_interval_s=2, audit_grace_s=3)
+    tasks = [asyncio.create_task(gw.run(stop)),
+             asyncio.create_task(run_collector(collector, InfluxSettings(url=influxdb.url), Registry({"twocell": cfg}),
+                                               stop=stop))]
+    try:
+        await wait_for(lambda: len(recorder.snapshot()) >= 3, 15, "telemetry before the outage")
+        mosquitto.stop()
+        outage = (time.time() * 1000, None)
+        await asyncio.sleep(OUTAGE_S)
+        depth_during = gw.outbox.depth
+        mosquitto.start()
+        outage = (outage[0], time.time() * 1000)
+        await wait_for(lambda: gw.outbox.depth < 100, 60, "the outbox to drain")
+        stop_at = time.time() * 1000
+        # everything taken until now must end up stored (the collector's audit may ask for resends)
+        await wait_for(lambda: all(k in _stored(influxdb, cfg) for k in
+                                   [(r.device, r.point, r.ts) for r in gw.produced if r.ts < stop_at]),
+                       60, "every reading in InfluxDB", interval=1)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sim.stop()
+    produced = {(r.device, r.point, r.ts): r.value for r in gw.produced if r.ts < stop_at}
+    in_outage = [k for k in produced if outage[0] <= k[2] <= outage[1]]
+    assert depth_during >= len(in_outage) * 0.9, "readings taken during the outage waited in the outbox"
+    assert len({k[2] for k in in_outage if k[0] == "grid"}) >= OUTAGE_S * 0.9, "the gateway kept polling"
+    stored = _stored(influxdb, cfg)
+    missing = [k for k in produced if k not in stored]
+    assert not missing, f"{len(missing)} of {len(produced)} readings lost, e.g. {missing[:3]}"
+    wrong = [(k, produced[k], stored[k]) for k in produced if stored[k] != pytest.approx(produced[k], rel=1e-6)]
+    assert not wrong, f"stored values differ: {wrong[:3]}"
+    # none twice: one row per (device, timestamp) the gateway produced, nothing re-stamped
+    produced_rows = {(r.device, r.ts) for r in gw.produced if r.ts < stop_at}
+    assert _row_count(influxdb, cfg, stop_at) == len(produced_rows)
+    # the backlog arrived oldest first, sequence numbers never went back
+    msgs = recorder.snapshot()
+    recorder.close()
+    first_sends = {}
+    for m in msgs:  # a batch the broker lost is sent again later, with its own number
+        first_sends.setdefault(m["seq"], m)
+    replayed = {(r["device"], r["point"], r["ts"]) for m in first_sends.values() if m["replay"] for r in m["readings"]}
+    late = {k for k in in_outage if k[2] < outage[1] - gw.outbox.replay_after_ms}
+    assert late and late <= replayed, "readings from the outage were sent marked as replay"
+    for device in ("grid", "chp"):  # devices are polled concurrently: order holds per device
+        replay_ts = [r["ts"] for _, m in sorted(first_sends.items()) if m["replay"] for r in m["readings"]
+                     if r["device"] == device]
+        assert replay_ts == sorted(replay_ts), f"the backlog of {device} was sent oldest first"
+    seqs = sorted(first_sends)
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "no sequence number skipped"
+
+
+def _gateway_proc(cell: Path, mqtt_port: int, outbox: Path, log: Path) -> subprocess.Popen[bytes]:
+    kwwk = Path(sys.executable).parent / "kwwk"
+    return subprocess.Popen(  # noqa: S603
+        [str(kwwk), "gateway", "run", "--cell", str(cell), "--gateway", "gw-two", "--mqtt-port", str(mqtt_port),
+         "--outbox", str(outbox), "--health-port", str(free_port())],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "KWWK_LOG_LEVEL": "INFO"})
+
+
+def _outbox_rows(path: Path) -> dict[tuple[str, str, int], float]:
+    db = sqlite3.connect(path)
+    try:
+        return {(d, p, t): v for d, p, t, v in db.execute("SELECT device, point, ts, value FROM readings")}
+    finally:
+        db.close()
+
+
+async def test_sigkill_then_restart_delivers_the_outbox_and_continues_the_sequence(
+        tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
+    cfg_path = with_free_ports(ROOT / "tests/data/twocell.yaml", tmp_path / "cells")
+    cfg = load_cell(cfg_path)
+    sim = SimulatorServer([cfg])
+    await sim.start()
+    recorder = Recorder(mosquitto.port)
+    stop = asyncio.Event()
+    collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2,
+                                  audit_interval_s=2, audit_grace_s=3)
+    ctask = asyncio.create_task(run_collector(collector, InfluxSettings(url=influxdb.url),
+                                              Registry({"twocell": cfg}), stop=stop))
+    outbox = tmp_path / "outbox.sqlite"
+    log = tmp_path / "gateway.log"
+    proc = _gateway_proc(cfg_path, mosquitto.port, outbox, log)
+    try:
+        await wait_for(lambda: len(recorder.snapshot()) >= 3, 20, "telemetry from the gateway process")
+        mosquitto.stop()
+        await asyncio.sleep(6)  # the gateway keeps polling into its outbox
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        seen_before = {m["seq"] for m in recorder.snapshot()}
+        pending = _outbox_rows(outbox)
+        assert len(pending) >= 4 * 13, "readings were waiting in the outbox when the gateway died"
+        mosquitto.start()
+        proc = _gateway_proc(cfg_path, mosquitto.port, outbox, log)
+        try:
+            await wait_for(lambda: all(k in _stored(influxdb, cfg) for k in pending), 45,
+                           "every reading of the killed gateway's outbox in InfluxDB")
+        except BaseException:
+            print("DEBUG recorder", [(m["seq"], m["replay"], len(m["readings"]), min(r["ts"] for r in m["readings"])) for m in recorder.snapshot()])
+            print("DEBUG batches", rows(influxdb, "kwwk_batches"))
+            st = _stored(influxdb, cfg)
+            miss = [k for k in pending if k not in st]
+            print("DEBUG missing", len(miss), len(pending), sorted(miss)[:5])
+            raise
+        await wait_for(lambda: len({m["seq"] for m in recorder.snapshot()} - seen_before) >= 3, 20,
+                       "new messages after the restart")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        stop.set()
+        await ctask
+        await sim.stop()
+    stored = _stored(influxdb, cfg)
+    assert all(stored[k] == pytest.approx(v, rel=1e-6) for k, v in pending.items())
+    seqs = sorted({m["seq"] for m in recorder.snapshot()})
+    recorder.close()
+    assert seqs[0] == 0 and seqs == list(range(seqs[0], seqs[-1] + 1)), "no sequence number skipped or reused"
+    after = sorted(set(seqs) - seen_before)
+    assert after[0] == max(seen_before) + 1, "the sequence continues where it stopped, it does not restart"
+    assert "Traceback" not in log.read_text()
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:  # noqa: S310
+        return r.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}}" if labels else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+async def test_full_outbox_applies_its_policy_and_counts_it(tmp_path: Path, policy: str) -> None:
+    """No broker at all: the outbox fills to its bound; the policy decides which readings go, and every
+    dropped reading is counted in /metrics and reported in /healthz."""
+    text = (ROOT / "tests/data/twocell.yaml").read_text().replace(
+        "    poll_interval: 1\n", f"    poll_interval: 0.2\n    outbox: {{max_readings: 200, overflow: {policy}}}\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/twocell.yaml").write_text(text)
+    cfg = load_cell(with_free_ports(tmp_path / "src/twocell.yaml", tmp_path / "cells"))
+    sim = SimulatorServer([cfg])
+    await sim.start()
+    stop = asyncio.Event()
+    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=free_port()), tmp_path / "ob.sqlite",
+                          health_port=free_port())
+    task = asyncio.create_task(gw.run(stop))
+    try:
+        await wait_for(lambda: len(gw.produced) > 600, 20, "more readings than the outbox holds")
+        await asyncio.sleep(5.5)  # one housekeeping round publishes the gauges
+        text = await asyncio.to_thread(_metrics, gw.health.port)
+        health = gw.healthz()
+    finally:
+        stop.set()
+        await task
+        await sim.stop()
+    reason = "full_" + policy
+    dropped = _metric(text, "kwwk_gateway_outbox_dropped_total", reason=reason)
+    assert dropped >= 400
+    assert _metric(text, "kwwk_gateway_outbox_readings") <= 200
+    assert health["outbox_dropped"][reason] >= dropped
+    kept = _outbox_rows(tmp_path / "ob.sqlite")
+    produced_ts = sorted({r.ts for r in gw.produced})
+    kept_ts = sorted({k[2] for k in kept})
+    if policy == "drop_oldest":
+        assert kept_ts[-1] == produced_ts[-1] and kept_ts[0] > produced_ts[0], "the newest are kept"
+    else:
+        assert kept_ts[0] == produced_ts[0] and kept_ts[-1] < produced_ts[-1], "the oldest are kept"
+
+
+async def test_failing_devices_are_reported_and_retried_while_others_keep_their_schedule(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """One device never answers, one answers with Modbus exceptions, one drops its connection: each is
+    reported (metrics, /healthz) and retried until it recovers, and the healthy one is polled on time."""
+    cfg = _cell(tmp_path, "faultcell.yaml")
+    sim = SimulatorServer([cfg])
+    await sim.start()
+    stop = asyncio.Event()
+    gw = RecordingGateway(cfg, "gw-fault", BrokerSettings(port=mosquitto.port), tmp_path / "ob.sqlite",
+                          health_port=free_port())
+    task = asyncio.create_task(gw.run(stop))
+    faulty = ("silent", "refusing", "dropping")
+    try:
+        await asyncio.sleep(2)
+        fault_start = time.time() * 1000
+        sim.fault("faultcell", "silent", "timeout")
+        sim.fault("faultcell", "refusing", "exception")
+        await sim.set_offline("faultcell", "dropping", True)
+        await asyncio.sleep(6)
+        health = gw.healthz()
+        text = await asyncio.to_thread(_metrics, gw.health.port)
+        fault_end = time.time() * 1000
+        sim.fault("faultcell", "silent", None)
+        sim.fault("faultcell", "refusing", None)
+        await sim.set_offline("faultcell", "dropping", False)
+        await wait_for(lambda: all(any(r.device == d and r.ts > fault_end for r in gw.produced) for d in faulty),
+                       45, "the failed devices to be read again")
+    finally:
+        stop.set()
+        await task
+        await sim.stop()
+    # reported
+    assert _metric(text, "kwwk_gateway_read_errors_total", device="silent", reason="timeout") >= 1
+    assert _metric(text, "kwwk_gateway_read_errors_total", device="refusing", reason="exception") >= 1
+    assert _metric(text, "kwwk_gateway_read_errors_total", device="dropping", reason="connection") >= 1
+    for d in faulty:
+        assert health["devices"][d]["error"], f"/healthz names the failure of {d}"
+    assert health["devices"]["healthy"]["error"] is None
+    # the healthy device kept its 0.5 s schedule during the faults
+    ts = sorted({r.ts for r in gw.produced if r.device == "healthy" and fault_start <= r.ts <= fault_end})
+    assert len(ts) >= 10, f"only {len(ts)} polls of the healthy device in 6 s"
+    assert max(b - a for a, b in zip(ts, ts[1:], strict=False)) < 1000, "a poll of the healthy device was delayed"
+    # nothing from the failing devices while they failed
+    assert not [r for r in gw.produced if r.device in faulty and fault_start + 1000 < r.ts < fault_end - 100
+                and r.quality == "good"]
+
+
+async def test_systemd_readiness_and_watchdog(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Under systemd (Type=notify, WatchdogSec) the gateway reports READY=1 and pets the watchdog."""
+    import socket
+
+    cfg_path = with_free_ports(ROOT / "tests/data/twocell.yaml", tmp_path / "cells")
+    sim = SimulatorServer([load_cell(cfg_path)])
+    await sim.start()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.5)
+    kwwk = Path(sys.executable).parent / "kwwk"
+    proc = subprocess.Popen(  # noqa: S603
+        [str(kwwk), "gateway", "run", "--cell", str(cfg_path), "--gateway", "gw-two", "--mqtt-port",
+         str(mosquitto.port), "--outbox", str(tmp_path / "ob.sqlite"), "--health-port", str(free_port())],
+        env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got: list[str] = []
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and sum("WATCHDOG=1" in g for g in got) < 3:
+            try:
+                got.append((await asyncio.to_thread(sock.recv, 4096)).decode())
+            except TimeoutError:
+                pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 20)
+        sock.close()
+        await sim.stop()
+    assert any("READY=1" in g for g in got), got
+    assert sum("WATCHDOG=1" in g for g in got) >= 3, got
+    assert proc.returncode == 0
