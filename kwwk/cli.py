@@ -62,7 +62,12 @@ def _fail(err: Exception) -> typer.Exit:
 
 
 def _secret(path: str | None) -> str | None:
-    return Path(path).read_text().strip() if path else None
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as err:
+        raise _fail(ValueError(f"cannot read the password file {path}: {err.strerror}")) from None
 
 
 def _run(coro_factory) -> None:  # noqa: ANN001
