@@ -13,6 +13,7 @@ import random
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class CollectorSettings:
     session_expiry_s: int = 7 * 86400
     audit_interval_s: float = 15.0
     audit_grace_s: float = 10.0
+    audit_retry_s: float = 30.0
 
 
 @dataclass
@@ -73,8 +75,10 @@ class _Parsed:
 
 class Ingest:
     def __init__(self, settings: CollectorSettings, registry: Registry, writer: Writer,
-                 metrics: CollectorMetrics | None = None, auditor_influx: InfluxSettings | None = None) -> None:
+                 metrics: CollectorMetrics | None = None, auditor_influx: InfluxSettings | None = None,
+                 on_stored: Callable[[str, int, int], None] | None = None) -> None:
         self.s = settings
+        self.on_stored = on_stored  # (cell, first ts, last ts) of each stored message: late data for the balance
         self.registry = registry
         self.writer = writer
         self.metrics = metrics or CollectorMetrics()
@@ -96,7 +100,8 @@ class Ingest:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(0.2, 2)
-        self.auditor = (GapAuditor(auditor_influx, self._publish_request, self.metrics, grace_s=settings.audit_grace_s)
+        self.auditor = (GapAuditor(auditor_influx, self._publish_request, self.metrics, grace_s=settings.audit_grace_s,
+                                  retry_s=settings.audit_retry_s)
                         if auditor_influx is not None else None)
         self._auditor_thread: threading.Thread | None = None
 
@@ -266,6 +271,9 @@ class Ingest:
                 for row in p.rows:
                     if row[0] != BATCH_MEASUREMENT:
                         self.metrics.lag_seconds.observe(max(0.0, now - row[2] / 1000))
+                stamps = [row[2] for row in p.rows if row[0] != BATCH_MEASUREMENT]
+                if stamps and self.on_stored is not None:
+                    self.on_stored(dict(p.rows[0][1])["cell"], min(stamps), max(stamps))
             self.metrics.messages.labels("stored" if p.rows and not p.deadletters else
                                          "partial" if p.rows else "dead_lettered").inc()
             self._client.ack(p.msg.mid, p.msg.qos)

@@ -6,6 +6,8 @@ import asyncio
 
 import structlog
 
+from collector.balance.trigger import DirtyRanges, run_balance_loop
+from collector.balance.wiring import InfluxEngine
 from collector.ingest import CollectorSettings, Ingest
 from collector.registry import Registry
 from collector.storage import InfluxSettings, make_writer
@@ -18,9 +20,13 @@ log = structlog.get_logger("kwwk.collector")
 
 async def run_collector(settings: CollectorSettings, influx: InfluxSettings, registry: Registry,
                         health_host: str = "127.0.0.1", health_port: int = 0,
-                        stop: asyncio.Event | None = None) -> None:
+                        stop: asyncio.Event | None = None, balance_interval_s: float = 30.0) -> None:
     stop = stop or asyncio.Event()
-    ingest = Ingest(settings, registry, make_writer(influx), auditor_influx=influx)
+    dirty = DirtyRanges()  # what was stored since the last balance round, late data included
+    ingest = Ingest(settings, registry, make_writer(influx), auditor_influx=influx, on_stored=dirty.note)
+    balance = InfluxEngine(registry.cells, influx)
+    balance_task = asyncio.create_task(run_balance_loop(balance.engine, dirty, stop, interval_s=balance_interval_s),
+                                       name="kwwk.balance")
     health = HealthServer(ingest.metrics.registry, ingest.health, health_host, health_port)
     await health.start()
     ingest.start()
@@ -30,5 +36,8 @@ async def run_collector(settings: CollectorSettings, influx: InfluxSettings, reg
         await stop.wait()
     finally:
         await asyncio.to_thread(ingest.stop)
+        stop.set()
+        await asyncio.gather(balance_task, return_exceptions=True)
+        await balance.close()
         await health.stop()
         log.info("collector stopped")

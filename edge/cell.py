@@ -8,13 +8,16 @@ import functools
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from edge.modbus import LineSpec
 from edge.profile import PROFILE_DIR, Point, Profile, load_profile, profile_ids
 from edge.yamlio import ConfigError, LineMap, line_of, load_yaml, validate
 
-__all__ = ["ROLES", "Cell", "CellConfig", "Connection", "Device", "Gateway", "SerialLine", "load_cell", "load_cells"]
+__all__ = [
+    "RATE_UNITS", "ROLES", "Cell", "CellConfig", "Connection", "Device", "Gateway", "MeterChange", "SerialLine",
+    "load_cell", "load_cells",
+]
 
 Ident = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=48,
                              description="lower-case letters, digits, '-' and '_' (used in MQTT topics and tags)")]
@@ -26,6 +29,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     "water": ("abstraction", "supply", "consumption", "recycled", "export"),
     "fuel": ("input",),
 }
+#: units of points a role may integrate when a device offers no counter (the balance flags them estimated)
+RATE_UNITS = ("W", "kW", "MW", "m³/h", "l/h", "m³/s")
 Role = Literal[
     "electricity.generation", "electricity.consumption", "electricity.grid_import", "electricity.grid_export",
     "electricity.storage_charge", "electricity.storage_discharge",
@@ -113,6 +118,9 @@ class Device(_Strict):
     points: list[str] | None = Field(None, description="publish only these points (default: all)")
     roles: dict[str, Role] = Field(default_factory=dict, description="point -> loop role")
     consumer: bool = Field(False, description="meters a single household or customer: never shown publicly")
+    ratings: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="role point -> plausible maximum rate, in its unit per hour (kWh/h = kW, "
+                                          "m³/h): the balance's plausibility cap")
     sim: SimSpec | None = None
 
 
@@ -160,10 +168,23 @@ class Fuel(_Strict):
     correction_factor: float = Field(0.95, gt=0, le=1.2, description="Zustandszahl (z)")
 
 
+class MeterChange(_Strict):
+    """A meter replaced (or its register set) at a known instant: the balance counts the old meter up to its
+    final reading and the new one from its initial reading (docs/balance.md, section 3)."""
+
+    device: Ident
+    point: str | None = Field(None, description="the counter; may be left out when the device has one role point")
+    time: AwareDatetime = Field(description="when the meters were swapped, with its UTC offset")
+    old_final: float = Field(description="the old meter's last reading, in the point's unit")
+    new_initial: float = Field(description="the new meter's first reading, in the point's unit")
+    note: str | None = None
+
+
 class CellConfig(_Strict):
     cell: Cell
     fuel: Fuel = Fuel()
     gateways: list[Gateway] = Field(min_length=1)
+    meter_changes: list[MeterChange] = Field(default_factory=list)
     simulation: Simulation = Simulation()
     source: str = Field("", exclude=True)
 
@@ -258,9 +279,24 @@ def _check_cell(cfg: CellConfig, lines: LineMap) -> list[tuple[int | None, str, 
             for name in d.roles:
                 if name not in profile.by_name:
                     add((*loc, "roles", name), f"{where}.roles.{name}", f"profile {d.profile!r} has no point {name!r}")
-                elif profile.by_name[name].kind != "counter":
+                elif profile.by_name[name].kind != "counter" and profile.by_name[name].unit not in RATE_UNITS:
                     add((*loc, "roles", name), f"{where}.roles.{name}",
-                        f"a balance role needs a cumulative counter; {name!r} is a {profile.by_name[name].kind}")
+                        f"a balance role needs a cumulative counter, or a power or flow ({', '.join(RATE_UNITS)}) "
+                        f"to integrate; {name!r} is a {profile.by_name[name].kind} in {profile.by_name[name].unit!r}")
+            for name in d.ratings:
+                if name not in d.roles:
+                    add((*loc, "ratings", name), f"{where}.ratings.{name}",
+                        f"{name!r} plays no balance role; ratings cap role points ({', '.join(d.roles) or 'none'})")
+    roles = {d.id: list(d.roles) for _, d in cfg.devices()}
+    for ci, ch in enumerate(cfg.meter_changes):
+        loc = ("meter_changes", ci)
+        if ch.device not in roles:
+            add((*loc, "device"), f"meter_changes[{ci}].device", f"no device {ch.device!r} in this cell")
+        elif ch.point is None and len(roles[ch.device]) != 1:
+            add((*loc, "device"), f"meter_changes[{ci}].point",
+                f"name the point: {ch.device!r} has {len(roles[ch.device])} role points ({', '.join(roles[ch.device])})")
+        elif ch.point is not None and ch.point not in roles[ch.device]:
+            add((*loc, "point"), f"meter_changes[{ci}].point", f"{ch.point!r} plays no balance role on {ch.device!r}")
     return problems
 
 

@@ -93,8 +93,8 @@ def test_duplicate_yaml_key(tmp_path: Path) -> None:
 def test_role_needs_counter(tmp_path: Path) -> None:
     msg = _error(tmp_path, GOOD.replace("connection: {host: 127.0.0.1, port: 1502}",
                                         "connection: {host: 127.0.0.1, port: 1502}\n"
-                                        "        roles: {power: electricity.grid_import}"))
-    assert "devices[grid].roles.power: a balance role needs a cumulative counter" in msg
+                                        "        roles: {frequency: electricity.grid_import}"))
+    assert "devices[grid].roles.frequency: a balance role needs a cumulative counter" in msg
 
 
 def test_cli_reports_the_error_and_exits_2(tmp_path: Path) -> None:

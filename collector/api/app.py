@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel
 
+from collector.api.balance import make_router
 from collector.audit import BATCH_MEASUREMENT
 from collector.query import InfluxQL, QueryError, ident, literal
 from collector.registry import Registry
@@ -68,6 +69,7 @@ def create_app(registry: Registry, settings: ApiSettings) -> FastAPI:
 
     app = FastAPI(title="KWWK Telemetry API", version="1", lifespan=lifespan,
                   description="Cells, their devices and the latest value of every point.")
+    app.include_router(make_router(registry, db))
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from collector.balance.alliance import CellTotals, alliance_totals, cell_totals
 from collector.balance.metrics import DERIVED
 from collector.balance.rows import MEASUREMENT, row_tags
-from collector.balance.spec import LOOP_UNITS, CellSpec, build_cell_spec
+from collector.balance.spec import LOOP_UNITS, BalanceConfigError, CellSpec, build_cell_spec
 from collector.balance.store import InfluxBalanceStore
 from collector.balance.timegrid import INTERVAL_MS, TimeRangeError, ceil_interval, floor_interval, parse_time
 from collector.query import InfluxQL
@@ -99,7 +99,10 @@ def make_router(registry: Registry, db: InfluxQL) -> APIRouter:
         if cell not in registry.cells:
             raise HTTPException(404, f"unknown cell {cell!r}; known cells: {', '.join(sorted(registry.cells))}")
         if cell not in specs:
-            specs[cell] = build_cell_spec(registry.cells[cell])
+            try:
+                specs[cell] = build_cell_spec(registry.cells[cell])
+            except BalanceConfigError as err:
+                raise HTTPException(500, f"the cell config cannot be balanced: {err}") from None
         return specs[cell]
 
     def span(start: str, end: str, tz: ZoneInfo) -> tuple[int, int]:

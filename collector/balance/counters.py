@@ -179,8 +179,7 @@ def counter_curve(readings: Sequence[tuple[int, float]], spec: SeriesSpec,
     return curve
 
 
-def evaluate(curve: Curve, starts: Sequence[int], gap_ms: int, base_flags: frozenset[str] = frozenset()) -> list[
-        IntervalValue]:
+def evaluate(curve: Curve, starts: Sequence[int], gap_ms: int) -> list[IntervalValue]:
     """C(end) − C(start) for each 15-minute interval; missing where the curve does not reach a boundary."""
     if not starts:
         return []
@@ -198,7 +197,7 @@ def evaluate(curve: Curve, starts: Sequence[int], gap_ms: int, base_flags: froze
         return kc[i] + (kc[i + 1] - kc[i]) * (b - t0) / (t1 - t0), t1 - t0 > gap_ms
 
     bounds = [at(s) for s in starts] + [at(starts[-1] + INTERVAL_MS)]
-    flags: list[set[str]] = [set(base_flags) for _ in starts]
+    flags: list[set[str]] = [set() for _ in starts]
     first = starts[0]
     for t0, t1, flag in curve.events:
         k0 = max(0, (t0 - first) // INTERVAL_MS)

@@ -14,9 +14,9 @@ import threading
 
 import structlog
 
-from collector.balance.engine import BalanceEngine, UnknownCell
+from collector.balance.engine import BalanceEngine, RecomputeReport, UnknownCell
 
-__all__ = ["DirtyRanges", "run_balance_loop"]
+__all__ = ["DirtyRanges", "run_balance_loop", "run_pending"]
 
 log = structlog.get_logger("kwwk.balance")
 
@@ -44,9 +44,9 @@ class DirtyRanges:
             return len(self._ranges)
 
 
-async def run_pending(engine: BalanceEngine, dirty: DirtyRanges) -> int:
+async def run_pending(engine: BalanceEngine, dirty: DirtyRanges) -> list[RecomputeReport]:
     """Recompute every cell with stored readings since the last run; a failed cell stays pending."""
-    done = 0
+    done: list[RecomputeReport] = []
     for cell, (lo, hi) in sorted(dirty.take().items()):
         try:
             report = await engine.recompute_touched(cell, lo, hi)
@@ -57,7 +57,7 @@ async def run_pending(engine: BalanceEngine, dirty: DirtyRanges) -> int:
             log.warning("balance recompute failed; will retry", cell=cell, error=str(err))
             dirty.note(cell, lo, hi)
             continue
-        done += 1
+        done.append(report)
         log.debug("balance recomputed", cell=cell, start=report.start_ms, end=report.end_ms,
                   intervals=report.intervals)
     return done
