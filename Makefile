@@ -4,8 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the demo and the tests run for real (servers are started by them, in temp folders).
-APT_PACKAGES := mosquitto influxdb socat victoria-metrics
-APT_PROGRAMS := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/socat /usr/bin/victoria-metrics
+APT_PACKAGES := mosquitto influxdb socat victoria-metrics chromium
+APT_PROGRAMS := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/socat /usr/bin/victoria-metrics /usr/bin/chromium
 
 .PHONY: setup system-packages demo test bench clean
 

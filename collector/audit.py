@@ -46,28 +46,34 @@ class GapAuditor:
     gaps: dict[tuple[Key, int], _Gap] = field(default_factory=dict)
     available: bool = True
 
-    def stored_seqs(self) -> dict[Key, set[int]]:
-        q = (f"SELECT {ident('seq')} FROM {ident(BATCH_MEASUREMENT)} WHERE time > now() - {int(self.window_s)}s "
-             f"GROUP BY {ident('cell')}, {ident('gateway')}, {ident('stream')}")
+    def stored_seqs(self) -> tuple[dict[Key, set[int]], set[Key]]:
+        """Sequence numbers stored within the window, and the streams that already existed before it."""
+        group = f"GROUP BY {ident('cell')}, {ident('gateway')}, {ident('stream')}"
+        recent = f"SELECT {ident('seq')} FROM {ident(BATCH_MEASUREMENT)} WHERE time > now() - {int(self.window_s)}s {group}"
+        older = (f"SELECT last({ident('seq')}) FROM {ident(BATCH_MEASUREMENT)} "
+                 f"WHERE time <= now() - {int(self.window_s)}s {group}")
         headers = {"Authorization": f"Token {self.influx.token}"} if self.influx.token else {}
         auth = (self.influx.username, self.influx.password or "") if self.influx.username else None
-        r = httpx.post(f"{self.influx.url}/query", data={"db": self.influx.database, "q": q}, headers=headers,
-                       auth=auth, timeout=self.influx.timeout_s)
+        r = httpx.post(f"{self.influx.url}/query", data={"db": self.influx.database, "q": f"{recent};{older}"},
+                       headers=headers, auth=auth, timeout=self.influx.timeout_s)
         r.raise_for_status()
-        out: dict[Key, set[int]] = {}
-        for result in r.json().get("results", []):
+        results = r.json().get("results", [])
+        for result in results:
             if "error" in result:
                 raise httpx.HTTPError(result["error"])
-            for s in result.get("series", []):
-                t = s.get("tags", {})
-                out[(t.get("cell", ""), t.get("gateway", ""), t.get("stream", ""))] = {int(v[1]) for v in s["values"]}
-        return out
+
+        def keyed(result: dict) -> dict[Key, list[list[object]]]:
+            return {(s.get("tags", {}).get("cell", ""), s.get("tags", {}).get("gateway", ""),
+                     s.get("tags", {}).get("stream", "")): s["values"] for s in result.get("series", [])}
+
+        seqs = {k: {int(v[1]) for v in values} for k, values in keyed(results[0]).items()}  # type: ignore[call-overload]
+        return seqs, set(keyed(results[1]) if len(results) > 1 else {})
 
     def run_once(self, now: float | None = None) -> int:
         """One audit; returns how many sequence numbers were requested again."""
         now = now or time.time()
         try:
-            stored = self.stored_seqs()
+            stored, old_streams = self.stored_seqs()
         except (httpx.HTTPError, ValueError) as err:
             if self.available:
                 log.warning("cannot audit sequence numbers: the database does not answer InfluxQL", error=str(err))
@@ -79,7 +85,9 @@ class GapAuditor:
         requested = 0
         live: set[tuple[Key, int]] = set()
         for key, seqs in stored.items():
-            missing = set(range(min(seqs), max(seqs) + 1)) - seqs
+            # a stream that began within the window began at 0: numbers below its lowest stored one are missing too
+            first = min(seqs) if key in old_streams else 0
+            missing = set(range(first, max(seqs) + 1)) - seqs
             if len(missing) > 100_000:
                 log.error("implausible sequence gap; auditing only the newest", cell=key[0], gateway=key[1],
                           missing=len(missing))

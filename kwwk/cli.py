@@ -155,6 +155,8 @@ def collector_run(
     influx_url: InfluxUrl = "http://127.0.0.1:8086", influx_api: InfluxApi = "v1", influx_db: InfluxDb = "kwwk",
     influx_token: InfluxToken = None, influx_org: InfluxOrg = "kwwk",
     health_port: Annotated[int, typer.Option(envvar="KWWK_HEALTH_PORT")] = 9103,
+    audit_interval: Annotated[float, typer.Option(help="seconds between sequence audits (resend requests)",
+                                                  envvar="KWWK_AUDIT_INTERVAL")] = 15.0,
     log_level: LogOpt = "INFO",
 ) -> None:
     """Subscribe to every gateway's telemetry and store it in InfluxDB, acknowledging only what is stored."""
@@ -171,7 +173,8 @@ def collector_run(
         raise _fail(err) from None
     settings = CollectorSettings(mqtt_host=mqtt_host, mqtt_port=mqtt_port, username=mqtt_username,
                                  password=_secret(mqtt_password_file), tls=mqtt_tls, ca_file=mqtt_ca,
-                                 client_id=client_id)
+                                 client_id=client_id, audit_interval_s=audit_interval,
+                                 audit_grace_s=min(10.0, audit_interval), audit_retry_s=2 * audit_interval)
     influx = InfluxSettings(url=influx_url, api="v2" if influx_api == "v2" else "v1", database=influx_db,
                             bucket=influx_db, token=influx_token, org=influx_org)
     _run(lambda stop: run_collector(settings, influx, registry, health_port=health_port, stop=stop))

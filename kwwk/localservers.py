@@ -116,32 +116,31 @@ def _http_ok(url: str) -> bool:
 
 
 class Mosquitto(LocalServer):
-    """Mosquitto with persistence; `extra` adds config lines (TLS listeners, ACLs, password files)."""
+    """Mosquitto run from the shipped production config (firmware_configs/mosquitto/mosquitto.conf), so
+    the demo and the tests exercise its persistence and queue settings. Paths and the listener are
+    made local; `extra` adds lines (TLS listeners, password and ACL files)."""
 
     name = "mosquitto"
+    SHIPPED = Path(__file__).resolve().parent.parent / "firmware_configs" / "mosquitto" / "mosquitto.conf"
+    #: production lines that name files of the deployment, or its listeners
+    _LOCAL = ("persistence_location", "password_file", "acl_file", "cafile", "certfile", "keyfile", "listener",
+              "allow_anonymous", "autosave_interval")
 
-    def __init__(self, workdir: Path | str, port: int | None = None, extra: str = "", anonymous: bool = True,
-                 max_queued: int = 100_000) -> None:
+    def __init__(self, workdir: Path | str, port: int | None = None, extra: str = "", anonymous: bool = True) -> None:
         super().__init__(workdir, port)
         self.extra = extra
         self.anonymous = anonymous
-        self.max_queued = max_queued
 
     def config(self) -> str:
         user = pwd.getpwuid(os.getuid()).pw_name
+        shipped = [line for line in self.SHIPPED.read_text().splitlines()
+                   if line.strip() and not line.startswith("#") and line.split()[0] not in self._LOCAL]
         return "\n".join([
             f"user {user}",
-            "per_listener_settings false",
-            f"allow_anonymous {'true' if self.anonymous else 'false'}",
-            "persistence true",
+            *shipped,
             f"persistence_location {self.dir}/",
             "autosave_interval 1",
-            f"max_queued_messages {self.max_queued}",
-            "max_inflight_messages 100",
-            "log_dest stdout",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
+            f"allow_anonymous {'true' if self.anonymous else 'false'}",
             f"listener {self.port} 127.0.0.1",
             self.extra,
             "",
