@@ -252,15 +252,22 @@ class Ingest:
             self._seen[key] = set(sorted(seen)[-50_000:])
 
     def _store(self, parsed: list[_Parsed]) -> None:
-        rows = [r for p in parsed for r in p.rows]
-        if rows:
-            if not self._write_with_retry(encode(rows)):
-                # the database refused the batch as such: find the message(s) it cannot take
-                for p in parsed:
-                    if p.rows and not self._write_with_retry(encode(p.rows)):
-                        p.deadletters.append((*self._cell_gw(p.msg), "storage_rejected", "the database refused it"))
-                        p.rows = []
-                        p.readings = 0
+        encoded: dict[int, str] = {}
+        for i, p in enumerate(parsed):
+            if not p.rows:
+                continue
+            try:
+                encoded[i] = encode(p.rows)
+            except ValueError as err:  # valid JSON, but nothing InfluxDB could store as written
+                p.deadletters.append((*self._cell_gw(p.msg), "unstorable", str(err)))
+                p.rows, p.readings = [], 0
+        if encoded and not self._write_with_retry("".join(encoded.values())):
+            # the database refused the batch as such: find the message(s) it cannot take
+            for i, lines in encoded.items():
+                p = parsed[i]
+                if not self._write_with_retry(lines):
+                    p.deadletters.append((*self._cell_gw(p.msg), "storage_rejected", "the database refused it"))
+                    p.rows, p.readings = [], 0
         now = time.time()
         for p in parsed:
             for cell, gw, reason, detail in p.deadletters:

@@ -6,25 +6,39 @@ whole shard). A redelivered reading produces the identical line and overwrites i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 __all__ = ["Row", "encode", "escape_measurement", "escape_tag"]
 
 Row = tuple[str, tuple[tuple[str, str], ...], int, dict[str, float]]  # measurement, tags, ts ms, fields
 
-_MEAS = str.maketrans({",": r"\,", " ": r"\ ", "\\": "\\\\"})
-_TAG = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
+# InfluxDB unescapes only "\," "\=" "\ " in names and tags; a backslash is otherwise taken literally
+_MEAS = str.maketrans({",": r"\,", " ": r"\ "})
+_TAG = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
+
+
+#: a backslash InfluxDB would read as an escape (before a separator or quote) or as escaping the separator after it
+_AMBIGUOUS = re.compile(r'\\(?=[ ,="\\]|$)')
+
+
+def _check(value: str) -> None:
+    if "\n" in value or "\r" in value:
+        msg = f"line protocol cannot carry a line break in a tag or key: {value!r}"
+        raise ValueError(msg)
+    if _AMBIGUOUS.search(value):
+        msg = f"line protocol cannot carry a backslash before a space, comma, '=', '\"' or at the end: {value!r}"
+        raise ValueError(msg)
 
 
 def escape_measurement(name: str) -> str:
+    _check(name)
     return name.translate(_MEAS)
 
 
 def escape_tag(value: str) -> str:
-    """Escape a tag key, tag value or field key."""
-    if "\n" in value or "\r" in value:
-        msg = f"line protocol cannot carry a line break in a tag or key: {value!r}"
-        raise ValueError(msg)
+    """Escape a tag key, tag value or field key; refuse what InfluxDB could not read back as written."""
+    _check(value)
     return value.translate(_TAG)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -194,6 +195,16 @@ class Profile(_Strict):
     @functools.cached_property
     def by_name(self) -> dict[str, Point]:
         return {p.name: p for p in self.points}
+
+    def with_scale_factors(self, points: Iterable[Point]) -> list[Point]:
+        """The points, each once, plus the scale-factor points they need (read together, so they agree)."""
+        out: dict[str, Point] = {}
+        for p in points:
+            out.setdefault(p.name, p)
+        for p in list(out.values()):
+            if p.scale_register:
+                out.setdefault(p.scale_register, self.by_name[p.scale_register])
+        return list(out.values())
 
     def wire(self, point: Point) -> int:
         return wire_address(point.address, point.table, self.addressing)

@@ -30,6 +30,8 @@ class GatewayMetrics:
                                  ["replay"], registry=r)
         self.published_readings = Counter("kwwk_gateway_published_readings_total",
                                           "Readings acknowledged by the broker", registry=r)
+        self.refused = Counter("kwwk_gateway_publish_refused_total",
+                               "Publishes the broker refused (PUBACK reason code >= 0x80)", ["reason"], registry=r)
         self.resent = Counter("kwwk_gateway_resent_batches_total", "Archived batches sent again on request",
                               registry=r)
         self.resend_missing = Counter("kwwk_gateway_resend_missing_total",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import structlog
 
 from edge.cell import CellConfig, Device, Gateway
-from edge.modbus import DeviceReader, ModbusLine
+from edge.modbus import DeviceReader, LineRegistry, ModbusLine
 from edge.profile import Point
 from edge.telemetry import Reading
 from gateway.metrics import GatewayMetrics
@@ -84,14 +84,11 @@ class DevicePoller:
 def build_pollers(cfg: CellConfig, gateway: Gateway, sink: Callable[[list[Reading]], None],
                   metrics: GatewayMetrics) -> tuple[list[DevicePoller], list[ModbusLine]]:
     """One poller per device; devices on the same physical line share one ModbusLine (one request in flight)."""
-    lines: dict[str, ModbusLine] = {}
+    lines = LineRegistry()  # also refuses one serial port configured twice with different settings
     pollers = []
     for dev in gateway.devices:
         spec, unit = cfg.line_spec(gateway, dev)
-        line = lines.get(spec.key)
-        if line is None:
-            line = lines[spec.key] = ModbusLine(spec)
-        reader = DeviceReader(line, cfg.profiles[dev.id], unit)
+        reader = DeviceReader(lines.get(spec), cfg.profiles[dev.id], unit)
         interval = dev.poll_interval or gateway.poll_interval
         pollers.append(DevicePoller(dev, reader, cfg.published_points(dev), interval, sink, metrics))
-    return pollers, list(lines.values())
+    return pollers, list(lines)

@@ -67,7 +67,8 @@ class GatewayService:
         broker_ok = self.uplink.connected
         status = "ok" if broker_ok and not all(d["stale"] for d in devices.values()) else "degraded"
         return {"status": status, "gateway": self.gateway.id, "cell": self.cfg.cell.id, "broker_connected": broker_ok,
-                "last_puback": self.uplink.last_puback, "outbox_depth": self.outbox.depth,
+                "last_puback": self.uplink.last_puback, "publish_refused": self.uplink.last_refusal,
+                "outbox_depth": self.outbox.depth,
                 "outbox_dropped": dict(self.outbox.dropped), "devices": devices}
 
     async def _housekeeping(self) -> None:

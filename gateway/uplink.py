@@ -11,7 +11,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -50,6 +53,40 @@ class BrokerSettings:
         return ctx
 
 
+class PublishRefused(aiomqtt.MqttError):
+    """The broker answered a publish with a failure reason code (0x87 not authorized, 0x97 quota exceeded…)."""
+
+    def __init__(self, code: int, topic: str) -> None:
+        super().__init__(f"the broker refused a publish to {topic} with reason code {code:#04x}")
+        self.code = code
+
+
+class _CheckedClient(aiomqtt.Client):
+    """aiomqtt 2.5 drops the PUBACK reason code, so a publish the broker refused would look delivered and the
+    outbox would forget it. This keeps the code (through aiomqtt's internals, hence aiomqtt<3 in pyproject)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reasons: dict[int, int] = {}
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        self.reasons[mid] = int(getattr(reason_code, "value", 0) or 0)
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_acked(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish and return once the broker accepted it; raise PublishRefused when it did not."""
+        info = self._client.publish(topic, payload, qos, retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if not info.is_published():
+            confirmation = asyncio.Event()
+            with self._pending_call(info.mid, confirmation, self._pending_publishes):
+                await self._wait_for(confirmation.wait(), timeout=None)
+        code = self.reasons.pop(info.mid, 0)
+        if code >= 0x80:
+            raise PublishRefused(code, topic)
+
+
 class Uplink:
     def __init__(self, cell: str, gateway: str, outbox: Outbox, settings: BrokerSettings, metrics: GatewayMetrics,
                  batch_size: int = 500, flush_interval: float = 1.0) -> None:
@@ -67,6 +104,7 @@ class Uplink:
         self.status = status_topic(cell, gateway)
         self.resend = resend_topic(cell, gateway)
         self._resent_at: dict[int, float] = {}
+        self.last_refusal: str | None = None
 
     def _status(self, state: str) -> bytes:
         return json.dumps({"schema": SCHEMA, "gateway": self.gateway, "cell": self.cell, "state": state,
@@ -81,7 +119,7 @@ class Uplink:
         will = aiomqtt.Will(self.status, self._status("offline"), qos=1, retain=True)
         while True:
             try:
-                async with aiomqtt.Client(
+                async with _CheckedClient(
                     s.host, s.port, username=s.username, password=s.password, identifier=f"kwwk-gw-{self.gateway}",
                     protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive,
                     tls_context=s.tls_context(), clean_start=False, properties=props, timeout=10,
@@ -91,7 +129,7 @@ class Uplink:
                     self.metrics.connected.set(1)
                     self.metrics.connects.labels("ok").inc()
                     log.info("connected to broker", host=s.host, port=s.port, tls=s.tls)
-                    await client.publish(self.status, self._status("online"), qos=1, retain=True)
+                    await client.publish_acked(self.status, self._status("online"), retain=True)
                     await client.subscribe(self.resend, qos=1)
                     try:
                         async with asyncio.TaskGroup() as tg:
@@ -106,6 +144,11 @@ class Uplink:
             except* aiomqtt.MqttError as group:
                 err = group.exceptions[0]
                 self.metrics.connects.labels("failed").inc()
+                if isinstance(err, PublishRefused):
+                    self.metrics.refused.labels(f"{err.code:#04x}").inc()
+                    self.last_refusal = str(err)
+                    log.error("the broker refuses our publishes; readings stay in the outbox", error=str(err),
+                              outbox=self.outbox.depth, hint="check this gateway's credentials and broker ACL")
                 if self.connected:
                     log.warning("lost the broker", error=str(err), outbox=self.outbox.depth)
                 else:
@@ -116,7 +159,7 @@ class Uplink:
             attempt += 1
             await asyncio.sleep(random.uniform(0.5, min(s.reconnect_max_s, 1.5 ** min(attempt, 10))))  # noqa: S311
 
-    async def _drain(self, client: aiomqtt.Client) -> None:
+    async def _drain(self, client: _CheckedClient) -> None:
         for batch in self.outbox.in_flight():  # numbered before a crash or disconnect: same seq again
             await self._send(client, batch, resend=True)
         while True:
@@ -130,7 +173,7 @@ class Uplink:
                 continue
             await self._send(client, batch)
 
-    async def _answer_resends(self, client: aiomqtt.Client) -> None:
+    async def _answer_resends(self, client: _CheckedClient) -> None:
         """Send archived batches again when a collector found their sequence numbers missing."""
         async for message in client.messages:
             try:
@@ -155,11 +198,11 @@ class Uplink:
             if len(self._resent_at) > 10_000:
                 self._resent_at = {s: t for s, t in self._resent_at.items() if now - t < 20}
 
-    async def _send(self, client: aiomqtt.Client, batch: Batch, resend: bool = False, archived: bool = False) -> None:
+    async def _send(self, client: _CheckedClient, batch: Batch, resend: bool = False, archived: bool = False) -> None:
         msg = TelemetryBatch.model_construct(
             schema_=SCHEMA, cell=self.cell, gateway=self.gateway, stream=self.outbox.stream, seq=batch.seq,
             sent=int(time.time() * 1000), replay=batch.replay or resend, readings=batch.readings)
-        await client.publish(self.topic, msg.to_json(), qos=1)  # returns after the broker's PUBACK
+        await client.publish_acked(self.topic, msg.to_json())  # returns after a successful PUBACK, else raises
         if archived:
             return
         self.outbox.ack(batch.seq)

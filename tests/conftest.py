@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,3 +55,28 @@ def with_free_ports(src: Path, dst_dir: Path) -> Path:
     dst = dst_dir / src.name
     dst.write_text(text)
     return dst
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two linked pseudo-terminals (socat): what one end writes, the other reads, like a null-modem cable."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    proc = subprocess.Popen(["socat", "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],  # noqa: S607
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while not (a.exists() and b.exists()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"socat did not create the pty pair: {err}")
+            time.sleep(0.02)
+        yield str(a), str(b)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()

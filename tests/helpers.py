@@ -23,11 +23,14 @@ from kwwk.localservers import InfluxDB1
 class Recorder:
     """Subscribes (persistent session, so a broker restart loses nothing) and keeps every message."""
 
-    def __init__(self, port: int, topic: str = "kwwk/v1/+/+/telemetry", client_id: str = "test-recorder") -> None:
+    def __init__(self, port: int, topic: str = "kwwk/v1/+/+/telemetry", client_id: str = "test-recorder",
+                 username: str | None = None) -> None:
         self.messages: list[dict[str, Any]] = []
         self.raw: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username:
+            self.client.username_pw_set(username)
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
         props = Properties(PacketTypes.CONNECT)

@@ -314,3 +314,46 @@ async def test_systemd_readiness_and_watchdog(tmp_path: Path, mosquitto: Mosquit
     assert any("READY=1" in g for g in got), got
     assert sum("WATCHDOG=1" in g for g in got) >= 3, got
     assert proc.returncode == 0
+
+
+async def test_a_publish_the_broker_refuses_is_kept_and_reported(tmp_path: Path) -> None:
+    """An ACL that denies the gateway its telemetry topic: the broker answers PUBACK 0x87. Nothing may be taken
+    for delivered: the readings stay in the outbox, the refusal is counted and shown in /healthz, and once the
+    ACL is fixed everything goes out."""
+    cfg = _cell(tmp_path)
+    acl = tmp_path / "acl"
+    acl.write_text("user gw-two\ntopic readwrite kwwk/v1/twocell/gw-two/status\ntopic read kwwk/v1/twocell/gw-two/resend\n"
+                   "user recorder\ntopic read kwwk/v1/#\n")
+    broker = Mosquitto(tmp_path / "mosquitto", extra=f"acl_file {acl}")
+    broker.start()
+    sim = SimulatorServer([cfg])
+    await sim.start()
+    recorder = Recorder(broker.port, client_id="recorder", username="recorder")  # persistent session: it hears what comes after a restart
+    stop = asyncio.Event()
+    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=broker.port, username="gw-two", reconnect_max_s=1),
+                          tmp_path / "ob.sqlite", health_port=free_port())
+    task = asyncio.create_task(gw.run(stop))
+    try:
+        await wait_for(lambda: gw.uplink.last_refusal, 15, "the refusal to be noticed")
+        await asyncio.sleep(2)
+        health = gw.healthz()
+        text = await asyncio.to_thread(_metrics, gw.health.port)
+        produced = len(gw.produced)
+        assert gw.outbox.depth >= produced - 30, "refused readings stay in the outbox"
+        # the operator fixes the ACL; the backlog goes out
+        acl.write_text(acl.read_text() + "user gw-two\ntopic write kwwk/v1/twocell/gw-two/telemetry\n")
+        broker.stop()
+        broker.start()
+        await wait_for(lambda: gw.outbox.depth < 60, 30, "the outbox to drain once allowed")
+        await asyncio.sleep(1)
+        delivered = {(r["device"], r["point"], r["ts"]) for m in recorder.snapshot() for r in m["readings"]}
+        recorder.close()
+    finally:
+        stop.set()
+        await task
+        await sim.stop()
+        broker.stop()
+    assert "0x87" in health["publish_refused"]
+    assert _metric(text, "kwwk_gateway_publish_refused_total", reason="0x87") >= 1
+    early = {(r.device, r.point, r.ts) for r in gw.produced[:produced]}
+    assert early <= delivered, f"{len(early - delivered)} refused readings never delivered"

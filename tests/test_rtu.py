@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +13,7 @@ from edge.modbus import DeviceBackoff, DeviceReader, LineDown, LineRegistry, Lin
 from edge.modbus.testing import SimServer, image_for
 from edge.profile import get_profile
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed"),
-]
+pytestmark = pytest.mark.integration  # socat (installed by make) links two pseudo-terminals: see pty_pair
 
 SDM = get_profile("eastron_sdm630")
 VALUES = {
@@ -28,33 +22,6 @@ VALUES = {
     2: {"voltage_l1": 400.0, "voltage_l2": 401.0, "voltage_l3": 399.0, "current_l1": 3.25, "power": -1500.0,
         "frequency": 49.5, "energy_import": 7.0, "energy_export": 99.0},
 }
-
-
-@pytest.fixture
-def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two linked pseudo-terminals: what one end writes, the other reads, like a null-modem cable."""
-    a, b = tmp_path / "A", tmp_path / "B"
-    proc = subprocess.Popen(
-        ["socat", "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 5
-        while not (a.exists() and b.exists()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                pytest.fail(f"socat did not create the pty pair: {err}")
-            time.sleep(0.02)
-        yield str(a), str(b)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def images() -> dict[int, dict[str, dict[int, int]]]:

@@ -89,18 +89,7 @@ class DeviceReader:
                         raise KeyError(msg)
                     p = self.profile.by_name[p]
                 wanted.append(p)
-        # scale-factor points travel with the points that need them
-        names: set[str] = set()
-        out: list[Point] = []
-        for p in wanted:
-            if p.name not in names:
-                names.add(p.name)
-                out.append(p)
-        for p in list(out):
-            if p.scale_register and p.scale_register not in names:
-                out.append(self.profile.by_name[p.scale_register])
-                names.add(p.scale_register)
-        return out
+        return self.profile.with_scale_factors(wanted)
 
     async def read(self, points: Iterable[Point | str] | None = None) -> ReadResult:
         """Read the points (all by default; Point objects or names) and decode them."""

@@ -18,7 +18,9 @@ rm -rf /opt/kwwk/src && cp -r "$src" /opt/kwwk/src && rm -rf /opt/kwwk/src/.venv
 /opt/kwwk/venv/bin/pip install -q --upgrade pip
 /opt/kwwk/venv/bin/pip install -q "/opt/kwwk/src[gateway]"
 
+ln -sf /opt/kwwk/venv/bin/kwwk /usr/local/bin/kwwk   # technicians type `kwwk commission ...`
 [ -f /etc/kwwk/gateway.env ] || install -m 0640 -o root -g kwwk "$src/firmware_configs/pi/gateway.env.example" /etc/kwwk/gateway.env
+chown root:kwwk /etc/kwwk/gateway.env && chmod 0640 /etc/kwwk/gateway.env
 install -m 0644 "$src/firmware_configs/systemd/kwwk-gateway.service" /etc/systemd/system/kwwk-gateway.service
 install -d /etc/systemd/journald.conf.d
 install -m 0644 "$src/firmware_configs/systemd/journald-kwwk.conf" /etc/systemd/journald.conf.d/kwwk.conf
