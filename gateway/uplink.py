@@ -81,7 +81,12 @@ class _CheckedClient(aiomqtt.Client):
         if not info.is_published():
             confirmation = asyncio.Event()
             with self._pending_call(info.mid, confirmation, self._pending_publishes):
-                await self._wait_for(confirmation.wait(), timeout=None)
+                try:
+                    async with asyncio.timeout(self.timeout):  # not wait_for: see _drain
+                        await confirmation.wait()
+                except TimeoutError as err:
+                    msg = f"no PUBACK from the broker within {self.timeout}s"
+                    raise aiomqtt.MqttError(msg) from err
         code = self.reasons.pop(info.mid, 0)
         if code >= 0x80:
             raise PublishRefused(code, topic)
@@ -138,8 +143,8 @@ class Uplink:
                     except asyncio.CancelledError:
                         # a clean stop: the will only fires on an unclean one, so say offline ourselves
                         with contextlib.suppress(Exception):
-                            await asyncio.wait_for(
-                                client.publish(self.status, self._status("offline"), qos=1, retain=True), 2)
+                            async with asyncio.timeout(2):
+                                await client.publish(self.status, self._status("offline"), qos=1, retain=True)
                         raise
             except* aiomqtt.MqttError as group:
                 err = group.exceptions[0]
@@ -166,10 +171,11 @@ class Uplink:
             batch = self.outbox.next_batch(self.batch_size)
             if batch is None:
                 self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), self.flush_interval)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the
+                # event, and the task then never stops (seen: a gateway hanging on SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_interval):
+                        await self.wakeup.wait()
                 continue
             await self._send(client, batch)
 

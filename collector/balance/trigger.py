@@ -10,6 +10,7 @@ hours or days it fills in, and the interpolated intervals around them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import structlog
@@ -67,10 +68,9 @@ async def run_balance_loop(engine: BalanceEngine, dirty: DirtyRanges, stop: asyn
                            interval_s: float = 30.0) -> None:
     """Every interval_s, recompute what was stored since the last round; a last round when stopped."""
     while True:
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(interval_s):
+                await stop.wait()
         await run_pending(engine, dirty)
         if stop.is_set():
             return

@@ -397,7 +397,8 @@ class ModbusLine:
         client = self._make_client(lost)
         self.stats.connects += 1
         try:
-            ok = await asyncio.wait_for(client.connect(), self.spec.timeout + 1.0)
+            async with asyncio.timeout(self.spec.timeout + 1.0):  # not wait_for: it can swallow a cancellation on 3.11
+                ok = await client.connect()
         except (TimeoutError, OSError, ModbusException):
             ok = False
         if not ok or not client.connected:
