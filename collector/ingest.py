@@ -235,10 +235,14 @@ class Ingest:
             (measurement, (("cell", batch.cell), ("gateway", batch.gateway), ("device", device)), ts, fields)
             for (measurement, device, ts), fields in rows.items()
         ]
+        fields = {"seq": float(batch.seq), "readings": float(len(batch.readings)),
+                  "replay": 1.0 if batch.replay else 0.0}
+        if batch.outbox_depth is not None:
+            fields["outbox_depth"] = float(batch.outbox_depth)
+        if batch.read_errors is not None:
+            fields["read_errors"] = float(batch.read_errors)
         out.append((BATCH_MEASUREMENT, (("cell", batch.cell), ("gateway", batch.gateway), ("stream", batch.stream)),
-                    batch.sent,
-                    {"seq": float(batch.seq), "readings": float(len(batch.readings)),
-                     "replay": 1.0 if batch.replay else 0.0}))
+                    batch.sent, fields))
         return _Parsed(m, out, stored, bad)
 
     def _track_seq(self, batch: TelemetryBatch) -> None:

@@ -41,6 +41,14 @@ class Registry:
     def from_dir(cls, directory: Path | str) -> Registry:
         return cls(load_cells(directory))
 
+    def cell(self, cell: str) -> CellConfig:
+        """The cell's config; LookupError naming the known cells when there is none."""
+        cfg = self.cells.get(cell)
+        if cfg is None:
+            msg = f"unknown cell {cell!r}; known cells: {', '.join(sorted(self.cells))}"
+            raise LookupError(msg)
+        return cfg
+
     def device(self, cell: str, device: str) -> DeviceInfo | None:
         return self.devices.get((cell, device))
 

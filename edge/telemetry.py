@@ -80,6 +80,8 @@ class TelemetryBatch(BaseModel):
     seq: int = Field(ge=0, description="per-gateway message number; survives restarts")
     sent: int = Field(ge=_TS_MIN, le=_TS_MAX, description="when the gateway published, UTC ms")
     replay: bool = Field(False, description="true when sent from the outbox after an outage")
+    outbox_depth: int | None = Field(None, ge=0, description="readings left in the gateway's outbox when it sent this")
+    read_errors: int | None = Field(None, ge=0, description="failed device reads since the gateway started (a counter)")
     readings: list[Reading] = Field(min_length=1, max_length=50_000)
 
     def to_json(self) -> bytes:

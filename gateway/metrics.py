@@ -40,3 +40,7 @@ class GatewayMetrics:
         self.connected = Gauge("kwwk_gateway_broker_connected", "1 while connected to the broker", registry=r)
         self.connects = Counter("kwwk_gateway_broker_connects_total", "Broker connection attempts by result",
                                 ["result"], registry=r)
+
+    def read_errors_total(self) -> int:
+        """Failed device reads since this process started, over all devices and reasons."""
+        return int(sum(s.value for m in self.read_errors.collect() for s in m.samples if s.name.endswith("_total")))

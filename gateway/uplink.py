@@ -207,7 +207,8 @@ class Uplink:
     async def _send(self, client: _CheckedClient, batch: Batch, resend: bool = False, archived: bool = False) -> None:
         msg = TelemetryBatch.model_construct(
             schema_=SCHEMA, cell=self.cell, gateway=self.gateway, stream=self.outbox.stream, seq=batch.seq,
-            sent=int(time.time() * 1000), replay=batch.replay or resend, readings=batch.readings)
+            sent=int(time.time() * 1000), replay=batch.replay or resend, readings=batch.readings,
+            outbox_depth=self.outbox.depth, read_errors=self.metrics.read_errors_total())
         await client.publish_acked(self.topic, msg.to_json())  # returns after a successful PUBACK, else raises
         if archived:
             return

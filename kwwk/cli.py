@@ -30,13 +30,17 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(collector_app, name="collector")
 app.add_typer(api_app, name="api")
 # parts that grow on their own: each module keeps its imports inside its commands
+from collector.api.tokens_cli import app as api_token_app  # noqa: E402
 from collector.balance.cli import app as balance_app  # noqa: E402
 from gateway.commission.cli import app as commission_app  # noqa: E402
 from kwwk.broker_cli import app as broker_app  # noqa: E402
+from dashboards.cli import app as dashboards_app  # noqa: E402
 
 app.add_typer(balance_app, name="balance")
 app.add_typer(commission_app, name="commission")
 app.add_typer(broker_app, name="broker")
+app.add_typer(dashboards_app, name="dashboards")
+api_app.add_typer(api_token_app, name="token")
 
 DEFAULT_CELLS = Path("firmware_configs/cells")
 CellOpt = Annotated[Path, typer.Option("--cell", help="cell config file", exists=True, dir_okay=False)]
@@ -180,17 +184,27 @@ def collector_run(
     _run(lambda stop: run_collector(settings, influx, registry, health_port=health_port, stop=stop))
 
 
-@api_app.command("run", epilog="Example: kwwk api run --cells firmware_configs/cells --port 8000")
+@api_app.command("run", epilog="Example: kwwk api run --cells firmware_configs/cells --port 8000 "
+                               "--tokens-file var/api-tokens")
 def api_run(
     cells: CellsOpt = DEFAULT_CELLS,
     host: Annotated[str, typer.Option(envvar="KWWK_API_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="KWWK_API_PORT")] = 8000,
-    mqtt_host: MqttHost = "127.0.0.1", mqtt_port: MqttPort = 1883,
+    mqtt_host: MqttHost = "127.0.0.1", mqtt_port: MqttPort = 1883, mqtt_username: MqttUser = None,
+    mqtt_password_file: MqttPass = None, mqtt_tls: MqttTls = False, mqtt_ca: MqttCa = None,
     influx_url: InfluxUrl = "http://127.0.0.1:8086", influx_db: InfluxDb = "kwwk",
     influx_token: InfluxToken = None,
+    tokens_file: Annotated[Path, typer.Option("--tokens-file", envvar="KWWK_API_TOKENS_FILE",
+                                              help="operator tokens, hashed (kwwk api token create)")] = Path(
+                                                  "var/api-tokens"),
+    public_rate: Annotated[float, typer.Option(envvar="KWWK_API_PUBLIC_RATE",
+                                               help="public requests per second per client address (0: no limit)")] = 2.0,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        envvar="KWWK_API_FORWARDED_ALLOW_IPS",
+        help="behind a reverse proxy: its address, so X-Forwarded-For names the client (for the public limit)")] = None,
     log_level: LogOpt = "INFO",
 ) -> None:
-    """Serve the operator API (and /healthz, /metrics)."""
+    """Serve the residents' page (/), the public API, the operator API (token required), /healthz and /metrics."""
     import uvicorn
 
     from collector.api.app import ApiSettings, create_app
@@ -204,8 +218,11 @@ def api_run(
     except ConfigError as err:
         raise _fail(err) from None
     settings = ApiSettings(InfluxSettings(url=influx_url, database=influx_db, token=influx_token),
-                           mqtt_host=mqtt_host, mqtt_port=mqtt_port)
-    uvicorn.run(create_app(registry, settings), host=host, port=port, log_config=None)
+                           mqtt_host=mqtt_host, mqtt_port=mqtt_port, mqtt_username=mqtt_username,
+                           mqtt_password=_secret(mqtt_password_file), mqtt_tls=mqtt_tls, mqtt_ca=mqtt_ca,
+                           tokens_file=tokens_file, public_rate_per_s=public_rate)
+    uvicorn.run(create_app(registry, settings), host=host, port=port, log_config=None,
+                proxy_headers=forwarded_allow_ips is not None, forwarded_allow_ips=forwarded_allow_ips)
 
 
 @app.command("demo", epilog="Example: kwwk demo --duration 120")

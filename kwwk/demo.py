@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from collector.api.app import ApiSettings, create_app
+from collector.api.tokens import issue_token
 from collector.ingest import CollectorSettings
 from collector.registry import Registry
 from collector.service import run_collector
@@ -50,6 +51,8 @@ class Demo:
         self.influx_port = influx_port
         self.host = host
         self.sim_speed = sim_speed
+        self.tokens_file = self.var / "api-tokens"
+        self.token_file = self.var / "operator-token"
 
     async def run(self, stop: asyncio.Event, duration: float | None = None) -> None:
         for name, port in (("API", self.api_port), ("MQTT", self.mqtt_port), ("InfluxDB", self.influx_port)):
@@ -68,8 +71,10 @@ class Demo:
         gateways: list[GatewayService] = []
         tasks: list[asyncio.Task[None]] = []
         inner_stop = asyncio.Event()
+        issue_token(self.tokens_file, "demo", save_to=self.token_file)  # a fresh operator token each run
         api = _Uvicorn(uvicorn.Config(
-            create_app(Registry(self.cells), ApiSettings(influx_settings, mqtt_port=self.mqtt_port)),
+            create_app(Registry(self.cells), ApiSettings(influx_settings, mqtt_port=self.mqtt_port,
+                                                         tokens_file=self.tokens_file)),
             host=self.host, port=self.api_port, log_config=None, log_level="warning"))
         try:
             await sim.start()
@@ -108,7 +113,8 @@ class Demo:
         t.add_column("what")
         t.add_column("where")
         t.add_column("notes")
-        t.add_row("API", f"http://{self.host}:{self.api_port}", "/api/cells, /api/cells/<cell>/latest, /healthz, /docs")
+        t.add_row("residents' page", f"http://{self.host}:{self.api_port}/", "public: cell aggregates only")
+        t.add_row("operator API", f"http://{self.host}:{self.api_port}/docs", f"token in {self.token_file}")
         t.add_row("Mosquitto", f"mqtt://{self.host}:{self.mqtt_port}", f"data in {mosquitto.dir}")
         t.add_row("InfluxDB 1.x", influx.url, f"database {influx.database!r}, data in {influx.dir}")
         for host, port, devices in sim.endpoints:
@@ -119,4 +125,5 @@ class Demo:
         t.add_row("collector", "in this process", "shared subscription, acks after InfluxDB accepted")
         console.print(t)
         first = next(iter(self.cells))
-        console.print(f"try: curl -s http://{self.host}:{self.api_port}/api/cells/{first}/latest")
+        console.print(f'try: curl -s -H "Authorization: Bearer $(cat {self.token_file})" '
+                      f"http://{self.host}:{self.api_port}/api/cells/{first}/latest")

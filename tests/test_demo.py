@@ -24,8 +24,9 @@ from tests.conftest import CELLS, with_free_ports
 pytestmark = pytest.mark.integration
 
 
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback
+def _get(url: str, token_file: Path | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:  # noqa: S310
         return json.loads(r.read())
 
 
@@ -41,11 +42,12 @@ def test_demo_serves_live_values_matching_the_simulator(tmp_path: Path) -> None:
          "--mqtt-port", str(mqtt), "--influx-port", str(influx), "--sim-speed", "0", "--duration", "150"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
     t0 = time.monotonic()
+    token = tmp_path / "var" / "operator-token"  # the demo issues an operator token each run
     try:
         body = None
         while time.monotonic() - t0 < 60:
             try:
-                body = _get(f"http://127.0.0.1:{api}/api/cells/musterdorf/latest")
+                body = _get(f"http://127.0.0.1:{api}/api/cells/musterdorf/latest", token)
                 if all(p["value"] is not None for d in body["devices"] for p in d["points"].values()):
                     break
             except OSError:
@@ -74,7 +76,7 @@ def test_demo_serves_live_values_matching_the_simulator(tmp_path: Path) -> None:
                 want = served[d["id"]][name]
                 assert math.isclose(p["value"], want, rel_tol=1e-9, abs_tol=1e-9), \
                     f"{d['id']}.{name}: API {p['value']} != device {want}"
-        lindenau = _get(f"http://127.0.0.1:{api}/api/cells")
+        lindenau = _get(f"http://127.0.0.1:{api}/api/cells", token)
         assert {c["id"] for c in lindenau} == {"musterdorf", "lindenau"}
         print(f"every musterdorf device live after {took:.1f}s")
     finally:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from collector.api.app import ApiSettings, create_app
+from collector.api.tokens import issue_token
 from collector.ingest import CollectorSettings
 from collector.registry import Registry
 from collector.service import run_collector
@@ -72,9 +73,11 @@ async def test_api_latest_matches_simulator(tmp_path: Path, mosquitto: Mosquitto
     collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2)
     tasks = [asyncio.create_task(gw.run(stop)),
              asyncio.create_task(run_collector(collector, influx, registry, stop=stop))]
-    app = create_app(registry, ApiSettings(influx, mqtt_port=mosquitto.port))
+    token = issue_token(tmp_path / "api-tokens", "tests")
+    app = create_app(registry, ApiSettings(influx, mqtt_port=mosquitto.port, tokens_file=tmp_path / "api-tokens"))
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                     headers={"Authorization": f"Bearer {token}"}) as client:
             async def latest() -> dict[str, object] | None:
                 r = await client.get("/api/cells/tinycell/latest")
                 body = r.json()

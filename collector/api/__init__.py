@@ -1,1 +1,1 @@
-"""The HTTP API: operators' endpoints and, later, the residents' public page."""
+"""The HTTP API: the residents' page and its public figures, and the operators' endpoints (collector/api/app.py)."""

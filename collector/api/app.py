@@ -1,25 +1,58 @@
-"""FastAPI application: health, the cell registry and the latest values of every device."""
+"""The API application: wires the operator endpoints (token required), the public endpoints and the
+residents' page, health and metrics.
+
+    app = create_app(registry, ApiSettings(influx, tokens_file=Path("var/api-tokens")))
+
+| who | what |
+|---|---|
+| anyone | `/` (the residents' page), `/api/public/…` (cached, rate-limited aggregates), `/healthz`, `/metrics` |
+| operators (`Authorization: Bearer <token>`) | `/api/cells…`, `/api/gateways`, `/api/alliance/balance`, CSV exports |
+"""
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+import structlog
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from collector.api.balance import make_router
+from collector.api.auth import operator_auth
+from collector.api.balance import make_router as make_balance_router
+from collector.api.errors import install_error_handling
+from collector.api.export import make_export_router
+from collector.api.gateways import make_gateways_router
+from collector.api.observe import RequestMetrics
+from collector.api.operator import make_operator_router
+from collector.api.page import mount_page
+from collector.api.public import make_public_router
+from collector.api.ratelimit import RateLimiter
+from collector.api.status import StatusWatcher
+from collector.api.timerange import bounded_times
+from collector.api.tokens import TokenStore
 from collector.audit import BATCH_MEASUREMENT
-from collector.query import InfluxQL, QueryError, ident, literal
+from collector.query import InfluxQL, QueryError, ident
 from collector.registry import Registry
 from collector.storage import InfluxSettings
 
 __all__ = ["ApiSettings", "create_app"]
+
+log = structlog.get_logger("kwwk.api")
+
+_DESCRIPTION = """Cells, gateways, devices and balances for operators; aggregates for residents.
+
+**Operators** send `Authorization: Bearer <token>`; a token comes from `kwwk api token create --name <you>`
+and is stored only as its SHA-256 in the API's tokens file.
+**Public** endpoints (`/api/public/…`) need no token: totals only, never a single customer's meter,
+cached for a minute and limited per client address.
+"""
 
 
 @dataclass(frozen=True)
@@ -27,68 +60,60 @@ class ApiSettings:
     influx: InfluxSettings
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
-
-
-class PointValue(BaseModel):
-    value: float | None
-    ts: int | None = None
-    unit: str = ""
-
-
-class DeviceLatest(BaseModel):
-    id: str
-    gateway: str
-    device_class: str
-    profile: str
-    points: dict[str, PointValue]
-
-
-class CellLatest(BaseModel):
-    cell: str
-    devices: list[DeviceLatest]
-
-
-class CellSummary(BaseModel):
-    id: str
-    name: str
-    gateways: list[str]
-    devices: int
-    residents: int | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_tls: bool = False
+    mqtt_ca: str | None = None
+    #: the hashed operator tokens (collector/api/tokens.py); None or a missing file: operators cannot log in
+    tokens_file: Path | None = None
+    #: subscribe to the gateways' retained status (online/offline) while serving
+    watch_status: bool = True
+    #: public endpoints: requests per second per client address (0: unlimited), and the burst allowed
+    public_rate_per_s: float = 2.0
+    public_burst: int = 30
+    public_cache_s: float = 60.0
+    #: seconds since the epoch; tests and benchmarks pin it
+    clock: Callable[[], float] = field(default=time.time, compare=False)
 
 
 def create_app(registry: Registry, settings: ApiSettings) -> FastAPI:
     metrics = CollectorRegistry()
-    requests = Counter("kwwk_api_requests_total", "API requests", ["route", "status"], registry=metrics)
-    latency = Histogram("kwwk_api_request_seconds", "API request latency", ["route"], registry=metrics)
     db = InfluxQL(settings.influx)
+    tokens = TokenStore(settings.tokens_file)
+    watcher = StatusWatcher(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username, settings.mqtt_password,
+                            settings.mqtt_tls, settings.mqtt_ca) if settings.watch_status else None
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):  # noqa: ANN202
-        yield
-        await db.close()
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if watcher is not None:
+            watcher.start()
+        if not tokens.configured:
+            log.warning("no operator tokens: operator endpoints refuse every request; create one with "
+                        "`kwwk api token create --name <you>`", tokens_file=str(settings.tokens_file))
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            await db.close()
 
-    app = FastAPI(title="KWWK Telemetry API", version="1", lifespan=lifespan,
-                  description="Cells, their devices and the latest value of every point.")
-    app.include_router(make_router(registry, db))
+    app = FastAPI(title="KWWK Telemetry API", version="1", lifespan=lifespan, description=_DESCRIPTION)
+    app.add_middleware(RequestMetrics, registry=metrics)
+    install_error_handling(app)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        requests.labels(name, str(response.status_code)).inc()
-        latency.labels(name).observe(time.perf_counter() - t0)
-        return response
-
-    @app.exception_handler(QueryError)
-    async def db_error(_r: Request, err: QueryError) -> JSONResponse:
-        return JSONResponse({"detail": f"the database is not available: {err}"}, status_code=503)
+    operator = [Depends(operator_auth(tokens))]
+    app.include_router(make_operator_router(registry, db), dependencies=operator)
+    app.include_router(make_gateways_router(registry, db, watcher, settings.clock), dependencies=operator)
+    app.include_router(make_balance_router(registry, db), dependencies=[*operator, Depends(bounded_times)])
+    app.include_router(make_export_router(registry, db), dependencies=operator)
+    limiter = RateLimiter(settings.public_rate_per_s, settings.public_burst)
+    app.include_router(make_public_router(registry, db, settings.clock, limiter, settings.public_cache_s))
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
+        """Broker, database, and the last telemetry of every gateway; 503 when degraded."""
         db_ok = await db.ping()
-        broker_ok = _tcp_ok(settings.mqtt_host, settings.mqtt_port)
+        broker_ok = await _tcp_ok(settings.mqtt_host, settings.mqtt_port)
         gateways: dict[str, Any] = {}
         if db_ok:
             try:
@@ -111,47 +136,14 @@ def create_app(registry: Registry, settings: ApiSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/cells", tags=["cells"])
-    async def cells() -> list[CellSummary]:
-        return [CellSummary(id=c.cell.id, name=c.cell.name, gateways=[g.id for g in c.gateways],
-                            devices=sum(len(g.devices) for g in c.gateways), residents=c.cell.residents)
-                for c in registry.cells.values()]
-
-    @app.get("/api/cells/{cell}/latest", tags=["cells"])
-    async def latest(cell: str) -> CellLatest:
-        """The latest value and timestamp of every point of every device in the cell."""
-        cfg = registry.cells.get(cell)
-        if cfg is None:
-            raise HTTPException(404, f"unknown cell {cell!r}; known cells: {', '.join(sorted(registry.cells))}")
-        devices = registry.cell_devices(cell)
-        statements: list[tuple[str, str]] = []  # (measurement, field)
-        for meas in sorted({d.measurement for d in devices}):
-            fields = sorted({p for d in devices if d.measurement == meas for p in d.points})
-            statements += [(meas, f) for f in fields]
-        results = await db.query(*[
-            f"SELECT last({ident(f)}) FROM {ident(m)} WHERE {ident('cell')} = {literal(cell)} GROUP BY {ident('device')}"
-            for m, f in statements])
-        found: dict[tuple[str, str], tuple[int, float]] = {}
-        for (_m, f), series in zip(statements, results, strict=True):
-            for s in series:
-                ts, value = s.values[0][0], s.values[0][1]
-                found[(s.tags.get("device", ""), f)] = (ts, value)
-        out = []
-        for d in sorted(devices, key=lambda d: d.device):
-            pts = {}
-            for p in sorted(d.points):
-                ts, value = found.get((d.device, p), (None, None))
-                pts[p] = PointValue(value=value, ts=ts, unit=d.units.get(p, ""))
-            out.append(DeviceLatest(id=d.device, gateway=d.gateway, device_class=d.measurement,
-                                    profile=cfg.device(d.device).profile, points=pts))
-        return CellLatest(cell=cell, devices=out)
-
+    mount_page(app)
     return app
 
 
-def _tcp_ok(host: str, port: int) -> bool:
+async def _tcp_ok(host: str, port: int) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
+        _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    except (OSError, TimeoutError):
         return False
+    w.close()
+    return True

@@ -22,6 +22,7 @@ from collector.balance.store import InfluxBalanceStore
 from collector.balance.timegrid import INTERVAL_MS, TimeRangeError, ceil_interval, floor_interval, parse_time
 from collector.query import InfluxQL
 from collector.registry import Registry
+from collector.api.errors import known_cell
 
 __all__ = ["AllianceBalance", "BalanceInterval", "CellBalance", "CellTotalsOut", "LoopBalance", "make_router"]
 
@@ -96,8 +97,7 @@ def make_router(registry: Registry, db: InfluxQL) -> APIRouter:
     specs: dict[str, CellSpec] = {}
 
     def spec_of(cell: str) -> CellSpec:
-        if cell not in registry.cells:
-            raise HTTPException(404, f"unknown cell {cell!r}; known cells: {', '.join(sorted(registry.cells))}")
+        known_cell(registry, cell)
         if cell not in specs:
             try:
                 specs[cell] = build_cell_spec(registry.cells[cell])
