@@ -50,7 +50,9 @@ class CollectorSettings:
     batch_points: int = 5000
     flush_interval_s: float = 0.5
     receive_maximum: int = 500
-    session_expiry_s: int = 7 * 86400
+    # A replica that dies and stays away keeps its share of a shared subscription until its session
+    # expires; shorter than the gateways' archive (1 h), so the audit can still recover what it swallowed.
+    session_expiry_s: int = 900
     audit_interval_s: float = 15.0
     audit_grace_s: float = 10.0
     audit_retry_s: float = 30.0

@@ -191,8 +191,8 @@ class Uplink:
                 continue  # about an earlier outbox of this gateway: nothing we can do
             now = time.monotonic()
             for seq in sorted(set(request.seqs)):
-                if now - self._resent_at.get(seq, -1e9) < 20:
-                    continue  # several collector replicas may ask for the same batch
+                if now - self._resent_at.get(seq, -1e9) < 5:
+                    continue  # several collector replicas ask for the same batch at about the same time
                 batch = self.outbox.sent_batch(seq)
                 if batch is None:
                     self.metrics.resend_missing.inc()
@@ -202,7 +202,7 @@ class Uplink:
                 await self._send(client, batch, resend=True, archived=True)
                 self.metrics.resent.inc()
             if len(self._resent_at) > 10_000:
-                self._resent_at = {s: t for s, t in self._resent_at.items() if now - t < 20}
+                self._resent_at = {s: t for s, t in self._resent_at.items() if now - t < 5}
 
     async def _send(self, client: _CheckedClient, batch: Batch, resend: bool = False, archived: bool = False) -> None:
         msg = TelemetryBatch.model_construct(
