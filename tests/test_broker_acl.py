@@ -68,7 +68,6 @@ def test_hash_is_mosquitto_format_and_verifies() -> None:
     assert hash_password("s3cret") != hash_password("s3cret")  # a fresh salt each time
 
 
-@pytest.mark.skipif(MOSQUITTO_PASSWD is None, reason="mosquitto_passwd is not installed")
 def test_hashes_written_by_mosquitto_passwd_verify(tmp_path: Path) -> None:
     """Our reading of the $7$ format agrees with the real tool: -b writes one, -U converts a plain file."""
     pw = tmp_path / "passwd"

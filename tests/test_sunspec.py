@@ -640,10 +640,11 @@ def test_profile_and_discovery_give_the_same_readings(profile_id: str) -> None:
 @pytest.mark.parametrize("profile_id", sorted(PROFILES))
 async def test_simulated_device_is_a_discoverable_sunspec_device(profile_id: str) -> None:
     """The demo cell's simulator encodes a profile into registers: they must walk and decode as SunSpec."""
-    sim_image = pytest.importorskip("edge.sim.image")
+    from edge.sim.image import RegisterImage
+
     model_id, _ = PROFILES[profile_id]
     profile = get_profile(profile_id)
-    holding = sim_image.RegisterImage(profile).tables["holding"]
+    holding = RegisterImage(profile).tables["holding"]
     read = image_reader(holding)
     models = await discover(read)  # no end model in the image: the chain ends where the registers do
     assert models == [ModelRef(1, 40002, 66), ModelRef(model_id, 40070, get_model(model_id).length)]
