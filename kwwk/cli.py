@@ -87,6 +87,15 @@ def _run(coro_factory) -> None:  # noqa: ANN001
     asyncio.run(main())
 
 
+def _registry(cells: Path):  # noqa: ANN202
+    from collector.registry import Registry
+
+    try:
+        return Registry.from_dir(cells)
+    except ConfigError as err:
+        raise _fail(err) from None
+
+
 def _load_cell(path: Path):  # noqa: ANN202
     from edge.cell import load_cell
 
@@ -165,16 +174,12 @@ def collector_run(
 ) -> None:
     """Subscribe to every gateway's telemetry and store it in InfluxDB, acknowledging only what is stored."""
     from collector.ingest import CollectorSettings
-    from collector.registry import Registry
     from collector.service import run_collector
     from collector.storage import InfluxSettings
     from kwwk.obs import setup_logging
 
     setup_logging(log_level)
-    try:
-        registry = Registry.from_dir(cells)
-    except ConfigError as err:
-        raise _fail(err) from None
+    registry = _registry(cells)
     settings = CollectorSettings(mqtt_host=mqtt_host, mqtt_port=mqtt_port, username=mqtt_username,
                                  password=_secret(mqtt_password_file), tls=mqtt_tls, ca_file=mqtt_ca,
                                  client_id=client_id, audit_interval_s=audit_interval,
@@ -208,15 +213,11 @@ def api_run(
     import uvicorn
 
     from collector.api.app import ApiSettings, create_app
-    from collector.registry import Registry
     from collector.storage import InfluxSettings
     from kwwk.obs import setup_logging
 
     setup_logging(log_level)
-    try:
-        registry = Registry.from_dir(cells)
-    except ConfigError as err:
-        raise _fail(err) from None
+    registry = _registry(cells)
     settings = ApiSettings(InfluxSettings(url=influx_url, database=influx_db, token=influx_token),
                            mqtt_host=mqtt_host, mqtt_port=mqtt_port, mqtt_username=mqtt_username,
                            mqtt_password=_secret(mqtt_password_file), mqtt_tls=mqtt_tls, mqtt_ca=mqtt_ca,

@@ -18,26 +18,20 @@ CELLS = ROOT / "firmware_configs" / "cells"
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    server = Mosquitto(tmp_path / "mosquitto")
-    server.start()
-    yield server
-    server.stop()
+    with Mosquitto(tmp_path / "mosquitto") as server:
+        yield server
 
 
 @pytest.fixture
 def influxdb(tmp_path: Path) -> Iterator[InfluxDB1]:
-    server = InfluxDB1(tmp_path / "influxdb")
-    server.start()
-    yield server
-    server.stop()
+    with InfluxDB1(tmp_path / "influxdb") as server:
+        yield server
 
 
 @pytest.fixture
 def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
-    server = VictoriaMetrics(tmp_path / "vm")
-    server.start()
-    yield server
-    server.stop()
+    with VictoriaMetrics(tmp_path / "vm") as server:
+        yield server
 
 
 def with_free_ports(src: Path, dst_dir: Path) -> Path:
