@@ -94,7 +94,7 @@ class _CheckedClient(aiomqtt.Client):
 
 class Uplink:
     def __init__(self, cell: str, gateway: str, outbox: Outbox, settings: BrokerSettings, metrics: GatewayMetrics,
-                 batch_size: int = 500, flush_interval: float = 1.0) -> None:
+                 batch_size: int = 500, flush_interval: float = 1.0, status_interval: float = 60.0) -> None:
         self.cell = cell
         self.gateway = gateway
         self.outbox = outbox
@@ -102,6 +102,7 @@ class Uplink:
         self.metrics = metrics
         self.batch_size = batch_size
         self.flush_interval = flush_interval
+        self.status_interval = status_interval
         self.wakeup = asyncio.Event()
         self.connected = False
         self.last_puback: float | None = None
@@ -112,8 +113,17 @@ class Uplink:
         self.last_refusal: str | None = None
 
     def _status(self, state: str) -> bytes:
-        return json.dumps({"schema": SCHEMA, "gateway": self.gateway, "cell": self.cell, "state": state,
-                           "ts": int(time.time() * 1000)}).encode()
+        body: dict[str, Any] = {"schema": SCHEMA, "gateway": self.gateway, "cell": self.cell, "state": state,
+                                "ts": int(time.time() * 1000)}
+        if state == "online":  # the will is fixed at connect time: a depth in it would be stale
+            body["outbox_readings"] = self.outbox.depth
+        return json.dumps(body).encode()
+
+    async def _heartbeat(self, client: _CheckedClient) -> None:
+        """Refresh the retained online status, so operators see the current outbox depth and a live clock."""
+        while True:
+            await asyncio.sleep(self.status_interval)
+            await client.publish_acked(self.status, self._status("online"), retain=True)
 
     async def run(self) -> None:
         """Stay connected; reconnect with jittered exponential backoff."""
@@ -140,6 +150,7 @@ class Uplink:
                         async with asyncio.TaskGroup() as tg:
                             tg.create_task(self._drain(client), name=f"kwwk[{self.gateway}].drain")
                             tg.create_task(self._answer_resends(client), name=f"kwwk[{self.gateway}].resend")
+                            tg.create_task(self._heartbeat(client), name=f"kwwk[{self.gateway}].status")
                     except asyncio.CancelledError:
                         # a clean stop: the will only fires on an unclean one, so say offline ourselves
                         with contextlib.suppress(Exception):

@@ -116,8 +116,8 @@ async def test_a_real_gateway_is_online_then_offline(tmp_path: Path, mosquitto: 
                                "the gateway online with a stored batch")
             assert g["cell"] == "tinycell" and g["gateway"] == "gw-tiny" and g["seq_gaps"] == 0
             assert g["last_seen_age_s"] < 15 and g["streams"][0]["batches"] >= 1
-            # null while gateways do not report their outbox in their status; 0 once they do (uplink change)
-            assert g["outbox_readings"] in (None, 0)
+            # the gateway reports its outbox depth in its retained status (a connected gateway's is small)
+            assert isinstance(g["outbox_readings"], int) and g["outbox_readings"] < 100
             gw_stop.set()
             await asyncio.gather(tasks[0], return_exceptions=True)
             g = await wait_for(lambda: _when(gateway(), lambda x: x["state"] == "offline"), 10, "the gateway offline")
