@@ -9,6 +9,7 @@ Who may do what (everything else is denied, anonymous clients are refused by mos
 |---|---|---|
 | each gateway | its own `kwwk/v1/<cell>/<gateway>/telemetry` and `/status` | its own `/resend`, the time beacon |
 | each collector | every `kwwk/v1/+/+/resend`, `kwwk/v1/_deadletter/#`, the time beacon | everything (`#`) |
+| the API (`api`) | nothing | every gateway's `kwwk/v1/+/+/status` (online/offline, outbox depth) |
 
 Passwords are random, one per account, kept in `<secrets>/<username>.password` (mode 0600) and
 hashed into the password file in the format of `mosquitto_passwd` 2.0 (`$7$`: PBKDF2-HMAC-SHA512,
@@ -108,17 +109,21 @@ def parse_password_file(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Account:
     username: str
-    role: str  # "gateway" or "collector"
+    role: str  # "gateway", "collector" or "api"
     cell: str | None = None
     gateway: str | None = None
 
     @property
     def label(self) -> str:
-        return f"gateway {self.gateway} of cell {self.cell}" if self.role == "gateway" else f"collector {self.username}"
+        if self.role == "gateway":
+            return f"gateway {self.gateway} of cell {self.cell}"
+        return f"{self.role} {self.username}"
 
 
-def accounts(cells: Mapping[str, CellConfig], collectors: Iterable[str] = ("collector",)) -> list[Account]:
-    """One account per gateway (its mqtt.username, else its id) and per collector; names must be unique."""
+def accounts(cells: Mapping[str, CellConfig], collectors: Iterable[str] = ("collector",),
+             api: str | None = "api") -> list[Account]:
+    """One account per gateway (its mqtt.username, else its id), per collector, and one for the API (which only
+    reads gateway status); names must be unique."""
     out: list[Account] = []
     owner: dict[str, str] = {}
 
@@ -138,6 +143,8 @@ def accounts(cells: Mapping[str, CellConfig], collectors: Iterable[str] = ("coll
             add(Account(gw.mqtt.username or gw.id, "gateway", cell_id, gw.id))
     for name in collectors:
         add(Account(name, "collector"))
+    if api:
+        add(Account(api, "api"))
     return out
 
 
@@ -159,6 +166,13 @@ def render_acl(accts: Iterable[Account]) -> str:
                 f"topic write {status_topic(a.cell, a.gateway)}",
                 f"topic read {resend_topic(a.cell, a.gateway)}",
                 f"topic read {TIME_TOPIC}",
+                "",
+            ]
+        elif a.role == "api":
+            lines += [
+                f"# {a.label}: reads gateway status only (online/offline, outbox depth); writes nothing",
+                f"user {a.username}",
+                f"topic read {TOPIC_ROOT}/+/+/status",
                 "",
             ]
         else:

@@ -109,7 +109,7 @@ def test_rerun_keeps_passwords_and_new_gateways_get_new_ones(tmp_path: Path) -> 
     cells_dir = write_cells(tmp_path / "cells", {"alpha": ["gw-a"], "beta": ["gw-b"]})
     out, secrets = tmp_path / "broker", tmp_path / "secrets"
     first = write_broker_files(load_cells(cells_dir), out, secrets)
-    assert sorted(first.created) == ["collector", "gw-a", "gw-b"]
+    assert sorted(first.created) == ["api", "collector", "gw-a", "gw-b"]
     passwd_1, acl_1 = (out / "passwd").read_text(), (out / "acl").read_text()
     secret_a = (secrets / "gw-a.password").read_text()
     for path in (out / "passwd", secrets / "gw-a.password", secrets / "collector.password"):
@@ -118,13 +118,13 @@ def test_rerun_keeps_passwords_and_new_gateways_get_new_ones(tmp_path: Path) -> 
     assert verify_password(secret_a.strip(), parse_password_file(passwd_1)["gw-a"].split(":", 1)[1])
 
     again = write_broker_files(load_cells(cells_dir), out, secrets)  # idempotent: nothing changes at all
-    assert sorted(again.kept) == ["collector", "gw-a", "gw-b"] and not again.changed
+    assert sorted(again.kept) == ["api", "collector", "gw-a", "gw-b"] and not again.changed
     assert (out / "passwd").read_text() == passwd_1 and (out / "acl").read_text() == acl_1
     assert (secrets / "gw-a.password").read_text() == secret_a
 
     write_cells(cells_dir, {"beta": ["gw-b", "gw-c"]})  # a new gateway in cell beta
     grown = write_broker_files(load_cells(cells_dir), out, secrets)
-    assert grown.created == ["gw-c"] and sorted(grown.kept) == ["collector", "gw-a", "gw-b"]
+    assert grown.created == ["gw-c"] and sorted(grown.kept) == ["api", "collector", "gw-a", "gw-b"]
     old, new = parse_password_file(passwd_1), parse_password_file((out / "passwd").read_text())
     assert all(new[u] == old[u] for u in ("gw-a", "gw-b", "collector"))  # byte for byte
     assert "user gw-c" in (out / "acl").read_text()
@@ -313,3 +313,11 @@ async def test_gateway_a_cannot_publish_into_gateway_b_and_nothing_is_stored(
         a.close()
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+def test_the_api_account_may_read_gateway_status_and_nothing_else() -> None:
+    from kwwk.broker import Account, render_acl
+
+    acl = render_acl([Account("api", "api")]).splitlines()
+    grants = [line for line in acl if line.startswith("topic")]
+    assert grants == ["topic read kwwk/v1/+/+/status"]
