@@ -235,6 +235,8 @@ def demo(
     mqtt_port: Annotated[int, typer.Option(help="port of the demo's Mosquitto")] = 18830,
     influx_port: Annotated[int, typer.Option(help="port of the demo's InfluxDB")] = 18086,
     sim_speed: Annotated[float, typer.Option(help="simulated seconds per real second (0 freezes the plant)")] = 1.0,
+    history: Annotated[float, typer.Option(help="hours of simulated history to store first, so balances and the "
+                                                "residents' page have numbers at once (0: none)")] = 24.0,
     log_level: LogOpt = "WARNING",
 ) -> None:
     """Run a whole simulated alliance on this machine: Mosquitto, InfluxDB, the simulator, a gateway per
@@ -244,7 +246,8 @@ def demo(
 
     setup_logging(log_level)
     try:
-        d = Demo(cells, var, api_port=api_port, mqtt_port=mqtt_port, influx_port=influx_port, sim_speed=sim_speed)
+        d = Demo(cells, var, api_port=api_port, mqtt_port=mqtt_port, influx_port=influx_port, sim_speed=sim_speed,
+                 history_hours=history)
     except ConfigError as err:
         raise _fail(err) from None
     _run(lambda stop: d.run(stop, duration))

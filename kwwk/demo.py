@@ -26,6 +26,7 @@ from edge.cell import load_cells
 from edge.sim import SimClock, SimulatorServer
 from gateway.service import GatewayService
 from gateway.uplink import BrokerSettings
+from kwwk.history import backfill
 from kwwk.localservers import InfluxDB1, Mosquitto, _port_open
 
 __all__ = ["Demo"]
@@ -43,7 +44,8 @@ class _Uvicorn(uvicorn.Server):
 
 class Demo:
     def __init__(self, cells_dir: Path, var: Path, api_port: int = 8000, mqtt_port: int = 18830,
-                 influx_port: int = 18086, host: str = "127.0.0.1", sim_speed: float = 1.0) -> None:
+                 influx_port: int = 18086, host: str = "127.0.0.1", sim_speed: float = 1.0,
+                 history_hours: float = 0.0) -> None:
         self.cells = load_cells(cells_dir)
         self.var = var.resolve()
         self.api_port = api_port
@@ -51,6 +53,7 @@ class Demo:
         self.influx_port = influx_port
         self.host = host
         self.sim_speed = sim_speed
+        self.history_hours = history_hours
         self.tokens_file = self.var / "api-tokens"
         self.token_file = self.var / "operator-token"
 
@@ -67,7 +70,12 @@ class Demo:
             await asyncio.to_thread(mosquitto.start)
             await asyncio.to_thread(influx.start)
         influx_settings = InfluxSettings(url=influx.url, database=influx.database)
-        sim = SimulatorServer(self.cells.values(), SimClock(speed=self.sim_speed))
+        sites = None
+        if self.history_hours > 0:
+            with console.status("simulating history") as status:
+                sites = await backfill(self.cells.values(), influx_settings, self.history_hours,
+                                       progress=lambda text: status.update(text))
+        sim = SimulatorServer(self.cells.values(), SimClock(speed=self.sim_speed), sites=sites)
         gateways: list[GatewayService] = []
         tasks: list[asyncio.Task[None]] = []
         inner_stop = asyncio.Event()

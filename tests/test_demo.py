@@ -78,6 +78,9 @@ def test_demo_serves_live_values_matching_the_simulator(tmp_path: Path) -> None:
                     f"{d['id']}.{name}: API {p['value']} != device {want}"
         lindenau = _get(f"http://127.0.0.1:{api}/api/cells", token)
         assert {c["id"] for c in lindenau} == {"musterdorf", "lindenau"}
+        # the demo stores a simulated history first: residents see balances from the first minute
+        summary = _get(f"http://127.0.0.1:{api}/api/public/cells/musterdorf/summary")
+        assert summary["last_30_days"]["electricity"]["self_sufficiency_pct"] is not None
         print(f"every musterdorf device live after {took:.1f}s")
     finally:
         proc.send_signal(signal.SIGINT)

@@ -40,7 +40,7 @@ class SimulatorServer:
     """Runs the physics and the Modbus servers of one or more cells."""
 
     def __init__(self, cells: Iterable[CellConfig], clock: SimClock | None = None, step: float = 0.5,
-                 host_override: str | None = None) -> None:
+                 host_override: str | None = None, sites: dict[str, Site] | None = None) -> None:
         self.clock = clock or SimClock()
         self.step = step
         self.sites: dict[str, Site] = {}
@@ -52,7 +52,8 @@ class SimulatorServer:
         self._task: asyncio.Task[None] | None = None
         self._host_override = host_override
         for cfg in cells:
-            site = Site(cfg, self.clock.now())
+            # a site handed in (e.g. after a simulated history) carries on from its state
+            site = (sites or {}).get(cfg.cell.id) or Site(cfg, self.clock.now())
             self.sites[cfg.cell.id] = site
             for gw, dev in cfg.devices():
                 if dev.sim is None:
