@@ -105,22 +105,20 @@ class Point(_Strict):
             raise ValueError(msg)
         return v
 
-    @field_validator("unit")
+    @field_validator("unit", "kind")
     @classmethod
-    def _shared_unit(cls, v: str, info: ValidationInfo) -> str:
+    def _shared_quantity(cls, v: str, info: ValidationInfo) -> str:
+        """A shared quantity name promises its unit and kind (edge/quantities.py)."""
         q = QUANTITIES.get(info.data.get("name", ""))
-        if q is not None and info.data.get("publish", True) and v != q.unit:
-            msg = (f"unit {v!r} is wrong for the shared quantity {info.data['name']!r}: it is measured in "
-                   f"{q.unit!r}; scale the raw value to {q.unit!r}")
+        if q is None or not info.data.get("publish", True):
+            return v
+        name = info.data["name"]
+        if info.field_name == "unit" and v != q.unit:
+            msg = (f"unit {v!r} is wrong for the shared quantity {name!r}: it is measured in {q.unit!r}; "
+                   f"scale the raw value to {q.unit!r}")
             raise ValueError(msg)
-        return v
-
-    @field_validator("kind")
-    @classmethod
-    def _shared_kind(cls, v: str, info: ValidationInfo) -> str:
-        q = QUANTITIES.get(info.data.get("name", ""))
-        if q is not None and info.data.get("publish", True) and v != q.kind:
-            msg = f"kind {v!r} is wrong for the shared quantity {info.data['name']!r}, which is a {q.kind}"
+        if info.field_name == "kind" and v != q.kind:
+            msg = f"kind {v!r} is wrong for the shared quantity {name!r}, which is a {q.kind}"
             raise ValueError(msg)
         return v
 
