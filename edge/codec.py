@@ -7,11 +7,12 @@ done here first. The same functions encode for the simulator, so a value survive
 from __future__ import annotations
 
 import math
+import struct
 from typing import Literal
 
 from pymodbus.client.mixin import ModbusClientMixin
 
-__all__ = ["REGISTER_COUNT", "decode_words", "encode_value", "Order"]
+__all__ = ["REGISTER_COUNT", "Order", "decode_words", "encode_value", "shortest_f32"]
 
 Order = Literal["big", "little"]
 DT = ModbusClientMixin.DATATYPE
@@ -84,3 +85,19 @@ def encode_value(value: float | int | str, dtype: str, count: int | None = None,
     if byte_order == "little":
         words = _swap_bytes(words)
     return words
+
+
+def shortest_f32(value: float) -> float:
+    """The shortest decimal that is the same float32: a meter's 230.1 stays 230.1, not the 230.10000610351562
+    float32 becomes as a double. What the device meant, in fewer bytes on the uplink."""
+    if not math.isfinite(value):
+        return value
+    try:
+        target = struct.pack("<f", value)
+    except OverflowError:
+        return value
+    for digits in range(1, 10):  # 9 significant digits always identify a float32
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack("<f", candidate) == target:
+            return candidate
+    return value

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from edge.codec import REGISTER_COUNT, Order, decode_words
+from edge.codec import REGISTER_COUNT, Order, decode_words, shortest_f32
 from edge.quantities import QUANTITIES
 from edge.yamlio import ConfigError, LineMap, line_of, load_yaml, validate
 
@@ -248,6 +248,8 @@ class Profile(_Strict):
         """Apply scale, scale factor and offset: the value in the point's unit."""
         if value is None or isinstance(value, str):
             return value
+        if p.type == "f32" and isinstance(value, float):
+            value = shortest_f32(value)
         factor = p.scale
         if p.scale_register is not None:
             sf = raw.get(p.scale_register)
@@ -255,8 +257,10 @@ class Profile(_Strict):
                 return None  # SunSpec allows exponents -10..10; anything else is not a value
             factor *= 10.0 ** int(sf)
         result = float(value * factor + p.offset)
-        # integer registers times decimal scales (2345 × 0.1) should not print as 234.50000000000003
-        return result if p.type in ("f32", "f64") else float(f"{result:.12g}")
+        if factor == 1 and p.offset == 0 or p.type == "f64":
+            return result
+        # decimal scales (2345 × 0.1) should not print as 234.50000000000003
+        return float(f"{result:.12g}")
 
 
 def _raw_int(words: list[int]) -> int:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from edge.codec import REGISTER_COUNT
-from edge.profile import PROFILE_DIR, Profile, golden_check, load_profile, profile_ids
+from edge.codec import REGISTER_COUNT, shortest_f32
+from edge.profile import PROFILE_DIR, Profile, get_profile, golden_check, load_profile, profile_ids
 from edge.quantities import QUANTITIES
 from edge.yamlio import ConfigError
 
@@ -408,3 +408,13 @@ def test_sign_flip_keeps_the_register_count() -> None:
     """Guards the mutation helper: flipping signedness must keep the registers a point spans."""
     for signed, unsigned in _SIGN_FLIP.items():
         assert REGISTER_COUNT[signed] == REGISTER_COUNT[unsigned]
+
+
+def test_float32_values_are_published_as_the_meter_meant_them() -> None:
+    """An SDM630 voltage of 230.1 V arrives as float32 0x4366 0x199A, which is 230.10000610351562 as a double:
+    the gateway publishes 230.1 (the same float32, the shortest decimal), not 17 digits of conversion noise."""
+    sdm = get_profile("eastron_sdm630")
+    assert sdm.decode({"input": {0: 0x4366, 1: 0x199A}})["voltage_l1"] == 230.1
+    assert sdm.decode({"input": {70: 0x4247, 71: 0xEB85}})["frequency"] == 49.98
+    assert shortest_f32(123456792.0) == 123456790.0  # 9 digits at most: still the same float32
+    assert shortest_f32(1.0000000116860974e-07) == 1e-07
