@@ -39,8 +39,7 @@ async def drain_rate(broker_port: int, workdir: Path) -> tuple[float, float]:
     t0 = int(time.time() * 1000) - BACKLOG * 10
     batch = []
     for i in range(BACKLOG):
-        batch.append(Reading.model_construct(device=f"dev{i % 14}", point="power", ts=t0 + i * 10,
-                                             value=float(i), quality="good"))
+        batch.append(Reading(f"dev{i % 14}", "power", t0 + i * 10, float(i)))
         if len(batch) == 10_000:
             outbox.append(batch)
             batch.clear()

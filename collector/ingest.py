@@ -25,13 +25,13 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from collector.audit import BATCH_MEASUREMENT, GapAuditor
-from collector.lineprotocol import Row, encode
+from collector.lineprotocol import encode
 from collector.metrics import CollectorMetrics
 from collector.registry import Registry
 from collector.storage import InfluxSettings, StorageError, Writer
 from edge.telemetry import TOPIC_ROOT, TelemetryBatch, deadletter_topic, parse_topic
 
-__all__ = ["CollectorSettings", "Ingest", "SHARE_GROUP"]
+__all__ = ["SHARE_GROUP", "CollectorSettings", "Ingest"]
 
 log = structlog.get_logger("kwwk.collector")
 SHARE_GROUP = "kwwk-collectors"
@@ -47,9 +47,10 @@ class CollectorSettings:
     ca_file: str | None = None
     client_id: str = "kwwk-collector-1"
     share_group: str = SHARE_GROUP
-    batch_points: int = 5000
+    batch_lines: int = 5000  # InfluxDB's advice for one write
     flush_interval_s: float = 0.5
     receive_maximum: int = 500
+    writers: int = 2  # batches written at once: one database connection leaves its cores idle
     # A replica that dies and stays away keeps its share of a shared subscription until its session
     # expires; shorter than the gateways' archive (1 h), so the audit can still recover what it swallowed.
     session_expiry_s: int = 900
@@ -70,9 +71,11 @@ class _Msg:
 @dataclass
 class _Parsed:
     msg: _Msg
-    rows: list[Row]
-    readings: int
+    lines: str  # line protocol: the readings and the batch record ("" when nothing is to be stored)
+    readings: int  # values stored by those lines
     deadletters: list[tuple[str, str, str, Any]]  # (cell, gateway, reason, detail)
+    cell: str = ""
+    stamps: tuple[int, int] | None = None  # oldest and newest reading stored
 
 
 class Ingest:
@@ -84,9 +87,14 @@ class Ingest:
         self.registry = registry
         self.writer = writer
         self.metrics = metrics or CollectorMetrics()
-        self._queue: queue.Queue[_Msg] = queue.Queue()
+        self._queue: queue.Queue[_Msg] = queue.Queue()  # bounded by the broker: Receive Maximum
+        # parsed batches, numbered: written concurrently, acknowledged in the order they came
+        self._ready: queue.Queue[tuple[int, list[_Parsed]] | None] = queue.Queue(maxsize=settings.writers)
+        self._turn = threading.Condition()
+        self._next_ack = 0
         self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._abandoned = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._seen: dict[tuple[str, str, str], set[int]] = {}
         self.gateway_status: dict[tuple[str, str], dict[str, Any]] = {}
         self.last_write_ok: float | None = None
@@ -115,8 +123,11 @@ class Ingest:
         self._client.connect_async(self.s.mqtt_host, self.s.mqtt_port, keepalive=30, clean_start=False,
                                    properties=props)
         self._client.loop_start()
-        self._worker = threading.Thread(target=self._work, name="kwwk.collector.writer", daemon=True)
-        self._worker.start()
+        self._threads = [threading.Thread(target=self._parse_loop, name="kwwk.collector.parse", daemon=True)] + [
+            threading.Thread(target=self._write_loop, name=f"kwwk.collector.write-{i}", daemon=True)
+            for i in range(self.s.writers)]
+        for t in self._threads:
+            t.start()
         if self.auditor is not None:
             self._auditor_thread = threading.Thread(target=self._audit_loop, name="kwwk.collector.audit", daemon=True)
             self._auditor_thread.start()
@@ -158,40 +169,45 @@ class Ingest:
         self._queue.put(_Msg(message.mid, message.qos, message.topic, bytes(message.payload)))
         self.metrics.queue_depth.set(self._queue.qsize())
 
-    # -- the writer thread ---------------------------------------------------------------------
-    def _collect(self) -> list[_Msg]:
-        try:
-            first = self._queue.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        batch = [first]
-        readings = 0
-        deadline = time.monotonic() + self.s.flush_interval_s
-        while readings < self.s.batch_points:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                break
+    # -- the parse thread: validate, encode, batch ------------------------------------------------
+    def _parse_loop(self) -> None:
+        """Parse messages into batches of about `batch_lines` lines, or what came within the flush interval."""
+        number = 0
+        while not self._abandoned.is_set():
             try:
-                m = self._queue.get(timeout=timeout)
+                first = self._queue.get(timeout=0.2)
             except queue.Empty:
-                break
-            batch.append(m)
-            readings += m.payload.count(b'"point"')
-        return batch
-
-    def _work(self) -> None:
-        while not self._stop.is_set() or not self._queue.empty():
-            msgs = self._collect()
-            if not msgs:
+                if self._stop.is_set():
+                    break
                 continue
-            parsed = [self.parse(m) for m in msgs]
+            batch = [self._parse_safely(first)]
+            lines = batch[0].lines.count("\n")
+            deadline = time.monotonic() + self.s.flush_interval_s
+            while lines < self.s.batch_lines and (timeout := deadline - time.monotonic()) > 0:
+                try:
+                    p = self._parse_safely(self._queue.get(timeout=timeout))
+                except queue.Empty:
+                    break
+                batch.append(p)
+                lines += p.lines.count("\n")
+            self._hand_over((number, batch))
+            number += 1
+        self._hand_over(None)
+
+    def _hand_over(self, batch: tuple[int, list[_Parsed]] | None) -> None:
+        while not self._abandoned.is_set():
             try:
-                self._store(parsed)
-            except _Abandon:
-                log.warning("stopped while the database is away; messages stay unacknowledged for redelivery",
-                            messages=len(msgs) + self._queue.qsize())
+                self._ready.put(batch, timeout=0.2)  # blocks while the database is away: memory stays bounded
                 return
-            self.metrics.queue_depth.set(self._queue.qsize())
+            except queue.Full:
+                continue
+
+    def _parse_safely(self, m: _Msg) -> _Parsed:
+        try:
+            return self.parse(m)
+        except Exception as err:  # a bug of ours: keep the message (dead letter) and the collector running
+            log.exception("could not parse a message", topic=m.topic)
+            return _Parsed(m, "", 0, [(*self._cell_gw(m), "collector_error", f"{type(err).__name__}: {err}")])
 
     def parse(self, m: _Msg) -> _Parsed:
         """Validate one message; return what to store and what to dead-letter (never raises)."""
@@ -203,49 +219,59 @@ class Ingest:
             first = err.errors(include_url=False)[0]
             reason = "bad_json" if first["type"] == "json_invalid" else "bad_schema"
             where = ".".join(str(p) for p in first["loc"])
-            return _Parsed(m, [], 0, [(t_cell, t_gw, reason, f"{where}: {first['msg']}")])
+            return _Parsed(m, "", 0, [(t_cell, t_gw, reason, f"{where}: {first['msg']}")])
         if (batch.cell, batch.gateway) != (t_cell, t_gw):
-            return _Parsed(m, [], 0, [(t_cell, t_gw, "topic_mismatch",
+            return _Parsed(m, "", 0, [(t_cell, t_gw, "topic_mismatch",
                                        f"payload says {batch.cell}/{batch.gateway}, topic says {t_cell}/{t_gw}")])
         if batch.cell not in self.registry.cells:
-            return _Parsed(m, [], 0, [(t_cell, t_gw, "unknown_cell", f"no cell {batch.cell!r} in the registry")])
+            return _Parsed(m, "", 0, [(t_cell, t_gw, "unknown_cell", f"no cell {batch.cell!r} in the registry")])
         if (batch.cell, batch.gateway) not in self.registry.gateways:
-            return _Parsed(m, [], 0, [(t_cell, t_gw, "unknown_gateway",
+            return _Parsed(m, "", 0, [(t_cell, t_gw, "unknown_gateway",
                                        f"cell {batch.cell!r} has no gateway {batch.gateway!r}")])
         self._track_seq(batch)
-        rows: dict[tuple[str, str, int], dict[str, float]] = {}
-        meas: dict[tuple[str, str, int], str] = {}
-        bad: list[tuple[str, str, str, Any]] = []
-        stored = 0
-        for r in batch.readings:
-            info = self.registry.device(batch.cell, r.device)
+        lines: list[str] = []
+        stamps: list[int] = []
+        stored = unreadable = 0
+        unknown_devices: dict[str, int] = {}  # device -> values
+        unknown_points: list[str] = []
+        for poll in batch.polls:  # the hot loop: one line per poll, keys and tags escaped once in the registry
+            info = self.registry.devices.get((batch.cell, poll["device"]))
             if info is None or info.gateway != batch.gateway:
-                bad.append((batch.cell, batch.gateway, "unknown_device", f"{r.device!r} is not a device of "
-                                                                         f"{batch.cell}/{batch.gateway}"))
+                unknown_devices[poll["device"]] = unknown_devices.get(poll["device"], 0) + len(poll["values"])
                 continue
-            if r.point not in info.points:
-                bad.append((batch.cell, batch.gateway, "unknown_point", f"device {r.device!r} has no point {r.point!r}"))
-                continue
-            if r.value is None:
-                self.metrics.readings.labels("bad_quality").inc()
-                continue
-            key = (info.measurement, r.device, r.ts)
-            rows.setdefault(key, {})[r.point] = r.value
-            meas[key] = info.measurement
-            stored += 1
-        out: list[Row] = [
-            (measurement, (("cell", batch.cell), ("gateway", batch.gateway), ("device", device)), ts, fields)
-            for (measurement, device, ts), fields in rows.items()
-        ]
-        fields = {"seq": float(batch.seq), "readings": float(len(batch.readings)),
-                  "replay": 1.0 if batch.replay else 0.0}
+            keys = info.field_keys
+            fields = []
+            for point, value in poll["values"].items():
+                key = keys.get(point)
+                if key is None:
+                    unknown_points.append(f"{poll['device']}.{point}")
+                elif value is None:
+                    unreadable += 1
+                else:
+                    fields.append(key + repr(value))
+            if fields:
+                lines.append(f"{info.line_prefix}{','.join(fields)} {poll['ts']}\n")
+                stamps.append(poll["ts"])
+                stored += len(fields)
+        if unreadable:
+            self.metrics.readings.labels("bad_quality").inc(unreadable)
+        bad: list[tuple[str, str, str, Any]] = []
+        if unknown_devices:
+            self.metrics.readings.labels("rejected").inc(sum(unknown_devices.values()))
+            bad.append((batch.cell, batch.gateway, "unknown_device",
+                        f"not devices of {batch.cell}/{batch.gateway}: {_examples(unknown_devices)}"))
+        if unknown_points:
+            self.metrics.readings.labels("rejected").inc(len(unknown_points))
+            bad.append((batch.cell, batch.gateway, "unknown_point",
+                        f"points the devices do not have: {_examples(unknown_points)}"))
+        fields = {"seq": float(batch.seq), "readings": float(batch.readings), "replay": 1.0 if batch.replay else 0.0}
         if batch.outbox_depth is not None:
             fields["outbox_depth"] = float(batch.outbox_depth)
         if batch.read_errors is not None:
             fields["read_errors"] = float(batch.read_errors)
-        out.append((BATCH_MEASUREMENT, (("cell", batch.cell), ("gateway", batch.gateway), ("stream", batch.stream)),
-                    batch.sent, fields))
-        return _Parsed(m, out, stored, bad)
+        lines.append(encode([(BATCH_MEASUREMENT, (("cell", batch.cell), ("gateway", batch.gateway),
+                                                  ("stream", batch.stream)), batch.sent, fields)]))
+        return _Parsed(m, "".join(lines), stored, bad, batch.cell, (min(stamps), max(stamps)) if stamps else None)
 
     def _track_seq(self, batch: TelemetryBatch) -> None:
         """Count repeats seen by this replica; gaps are found by the auditor, which sees what all replicas stored."""
@@ -257,38 +283,55 @@ class Ingest:
         if len(seen) > 100_000:
             self._seen[key] = set(sorted(seen)[-50_000:])
 
-    def _store(self, parsed: list[_Parsed]) -> None:
-        encoded: dict[int, str] = {}
-        for i, p in enumerate(parsed):
-            if not p.rows:
-                continue
+    # -- the write thread: store, then acknowledge ---------------------------------------------------
+    def _write_loop(self) -> None:
+        while (item := self._ready.get()) is not None:
+            number, batch = item
             try:
-                encoded[i] = encode(p.rows)
-            except ValueError as err:  # valid JSON, but nothing InfluxDB could store as written
-                p.deadletters.append((*self._cell_gw(p.msg), "unstorable", str(err)))
-                p.rows, p.readings = [], 0
-        if encoded and not self._write_with_retry("".join(encoded.values())):
-            # the database refused the batch as such: find the message(s) it cannot take
-            for i, lines in encoded.items():
-                p = parsed[i]
-                if not self._write_with_retry(lines):
+                self._write(batch)
+            except _Abandon:
+                self._abandoned.set()
+                log.warning("stopped while the database is away; messages stay unacknowledged for redelivery",
+                            messages=len(batch) + self._queue.qsize())
+                return
+            with self._turn:  # MQTT wants acknowledgements in the order the messages came
+                while self._next_ack != number:
+                    if self._abandoned.is_set():
+                        return  # an earlier batch was not stored: this one is redelivered with it
+                    self._turn.wait(0.2)
+                self._settle(batch)
+                self._next_ack += 1
+                self._turn.notify_all()
+            self.metrics.queue_depth.set(self._queue.qsize())
+        self._ready.put(None)  # the end, for the other writers too
+
+    def _write(self, parsed: list[_Parsed]) -> None:
+        """One write for the whole batch; a batch the database refuses is tried message by message."""
+        body = "".join(p.lines for p in parsed)
+        if body and not self._write_with_retry(body):
+            for p in parsed:
+                if p.lines and not self._write_with_retry(p.lines):
                     p.deadletters.append((*self._cell_gw(p.msg), "storage_rejected", "the database refused it"))
-                    p.rows, p.readings = [], 0
+                    p.lines, p.readings, p.stamps = "", 0, None
+
+    def _settle(self, parsed: list[_Parsed]) -> None:
+        """Dead letters, metrics, then the acknowledgement of each message of a stored batch."""
         now = time.time()
         for p in parsed:
             for cell, gw, reason, detail in p.deadletters:
                 self._deadletter(p.msg, cell, gw, reason, detail)
-            if p.rows:
+            if p.readings:
                 self.metrics.readings.labels("stored").inc(p.readings)
                 self.stored_readings += p.readings
-                for row in p.rows:
-                    if row[0] != BATCH_MEASUREMENT:
-                        self.metrics.lag_seconds.observe(max(0.0, now - row[2] / 1000))
-                stamps = [row[2] for row in p.rows if row[0] != BATCH_MEASUREMENT]
-                if stamps and self.on_stored is not None:
-                    self.on_stored(dict(p.rows[0][1])["cell"], min(stamps), max(stamps))
-            self.metrics.messages.labels("stored" if p.rows and not p.deadletters else
-                                         "partial" if p.rows else "dead_lettered").inc()
+            if p.stamps is not None:
+                self.metrics.lag_seconds.observe(max(0.0, now - p.stamps[0] / 1000))
+                if self.on_stored is not None:
+                    try:
+                        self.on_stored(p.cell, *p.stamps)
+                    except Exception:  # the hook (late data for the balance) must never stop ingest
+                        log.exception("on_stored hook failed", cell=p.cell)
+            self.metrics.messages.labels("stored" if p.lines and not p.deadletters else
+                                         "partial" if p.lines else "dead_lettered").inc()
             self._client.ack(p.msg.mid, p.msg.qos)
 
     @staticmethod
@@ -337,8 +380,9 @@ class Ingest:
     # -- lifecycle -----------------------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._worker:
-            self._worker.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         self._client.disconnect()
         self._client.loop_stop()
         self.writer.close()
@@ -352,6 +396,12 @@ class Ingest:
 
 class _Abandon(Exception):  # noqa: N818 - internal control flow
     pass
+
+
+def _examples(items: dict[str, int] | list[str], shown: int = 5) -> str:
+    names = list(items)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
 
 
 def _safe(part: str) -> str:

@@ -18,7 +18,8 @@ class CollectorMetrics:
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.write_errors = Counter("kwwk_collector_write_errors_total", "Failed database writes", ["retryable"],
                                     registry=r)
-        self.lag_seconds = Histogram("kwwk_collector_lag_seconds", "From a reading's timestamp to its storage",
+        self.lag_seconds = Histogram("kwwk_collector_lag_seconds",
+                                     "From the oldest reading of a message to its storage",
                                      buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400), registry=r)
         self.queue_depth = Gauge("kwwk_collector_queue_messages", "Messages received, not yet stored", registry=r)
         self.seq_gaps = Counter("kwwk_collector_sequence_gaps_total", "Sequence numbers found missing in storage, per gateway",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from collector.lineprotocol import escape_measurement, escape_tag
 from edge.cell import CellConfig, load_cells
 
 __all__ = ["DeviceInfo", "Registry"]
@@ -21,6 +22,9 @@ class DeviceInfo:
     points: frozenset[str]
     units: dict[str, str]
     consumer: bool
+    #: what every stored line of this device starts with, and each point's "key=", escaped once here
+    line_prefix: str
+    field_keys: dict[str, str]
 
 
 class Registry:
@@ -33,9 +37,12 @@ class Registry:
                 profile = cfg.profiles[dev.id]
                 points = [p for p in cfg.published_points(dev) if p.numeric]  # strings identify, not measure
                 self.gateways.add((cell_id, gw.id))
+                tags = f"cell={escape_tag(cell_id)},device={escape_tag(dev.id)},gateway={escape_tag(gw.id)}"
                 self.devices[(cell_id, dev.id)] = DeviceInfo(
                     cell_id, gw.id, dev.id, profile.device_class, frozenset(p.name for p in points),
-                    {p.name: p.unit for p in points}, dev.consumer)
+                    {p.name: p.unit for p in points}, dev.consumer,
+                    f"{escape_measurement(profile.device_class)},{tags} ",
+                    {p.name: f"{escape_tag(p.name)}=" for p in points})
 
     @classmethod
     def from_dir(cls, directory: Path | str) -> Registry:

@@ -1,28 +1,46 @@
-"""The wire contract between gateways and the collector: topics and the telemetry message (schema 1).
+"""The wire contract between gateways and the collector: topics and the telemetry message (schema 2).
 
 Both sides import this module, so a change to the contract is a change in one place.
+
+Schema 2 carries one entry per device poll (device, instant, point values), the shape of one InfluxDB
+line: a quarter of schema 1's bytes on a gateway's metered uplink, and a fraction of the collector's work.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Literal
+from collections.abc import Iterable
+from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 __all__ = [
-    "SCHEMA", "Quality", "Reading", "ResendRequest", "TelemetryBatch", "TOPIC_ROOT", "deadletter_topic",
-    "parse_topic", "resend_topic", "status_topic", "telemetry_topic",
+    "SCHEMA",
+    "TOPIC_ROOT",
+    "Poll",
+    "Quality",
+    "Reading",
+    "ResendRequest",
+    "TelemetryBatch",
+    "deadletter_topic",
+    "parse_topic",
+    "polls",
+    "resend_topic",
+    "status_topic",
+    "telemetry_topic",
 ]
 
-SCHEMA = "kwwk.telemetry/1"
+SCHEMA = "kwwk.telemetry/2"
 TOPIC_ROOT = "kwwk/v1"
-Quality = Literal["good", "estimated", "bad"]
+Quality = Literal["good", "bad"]
 Ident = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=48)]
 PointName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+#: strict: a string or a boolean is not a reading; finite: NaN and Infinity are not either
+Value = Annotated[float, Field(strict=True, allow_inf_nan=False)] | None
 
 #: 2000-01-01 .. 2100-01-01 in ms: anything outside is a broken clock, not a reading
 _TS_MIN, _TS_MAX = 946_684_800_000, 4_102_444_800_000
+Timestamp = Annotated[int, Field(ge=_TS_MIN, le=_TS_MAX, description="UTC, milliseconds since the Unix epoch")]
 
 
 def telemetry_topic(cell: str, gateway: str) -> str:
@@ -50,42 +68,59 @@ def parse_topic(topic: str) -> tuple[str, str, str] | None:
     return parts[2], parts[3], parts[4]
 
 
-class Reading(BaseModel):
-    """One value of one point at one instant, as the gateway read it."""
+class Reading(NamedTuple):
+    """One value of one point at one instant, as the gateway read it and keeps it in its outbox."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    device: Ident
-    point: PointName
-    ts: int = Field(ge=_TS_MIN, le=_TS_MAX, description="UTC, milliseconds since the Unix epoch")
-    value: float | None = Field(description="in the point's unit; null when quality is bad")
+    device: str
+    point: str
+    ts: int
+    value: float | None  # None when quality is bad
     quality: Quality = "good"
 
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("value must be a finite number or null")
-        return v
+
+class Poll(TypedDict):
+    """One read of one device: the values of its points at one instant (null: the point could not be read)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    device: Ident
+    ts: Timestamp
+    values: Annotated[dict[PointName, Value], Field(min_length=1, max_length=1000)]
 
 
 class TelemetryBatch(BaseModel):
-    """One MQTT message: a gateway's readings, numbered so the collector can see gaps and repeats."""
+    """One MQTT message: a gateway's polls, numbered so the collector can see gaps and repeats."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    schema_: Literal["kwwk.telemetry/1"] = Field(SCHEMA, alias="schema")
+    schema_: Literal["kwwk.telemetry/2"] = Field(SCHEMA, alias="schema")
     cell: Ident
     gateway: Ident
     stream: str = Field(pattern=r"^[a-z0-9]{1,32}$",
                         description="id of the gateway's outbox; sequence numbers count within one stream")
     seq: int = Field(ge=0, description="per-gateway message number; survives restarts")
-    sent: int = Field(ge=_TS_MIN, le=_TS_MAX, description="when the gateway published, UTC ms")
+    sent: Timestamp = Field(description="when the gateway published, UTC ms")
     replay: bool = Field(False, description="true when sent from the outbox after an outage")
     outbox_depth: int | None = Field(None, ge=0, description="readings left in the gateway's outbox when it sent this")
     read_errors: int | None = Field(None, ge=0, description="failed device reads since the gateway started (a counter)")
-    readings: list[Reading] = Field(min_length=1, max_length=50_000)
+    polls: list[Poll] = Field(min_length=1, max_length=50_000)
+
+    @property
+    def readings(self) -> int:
+        """How many point values the message carries (unreadable ones included)."""
+        return sum(len(p["values"]) for p in self.polls)
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
+
+
+def polls(readings: Iterable[Reading]) -> list[Poll]:
+    """Readings grouped by device and instant, in the order first seen."""
+    out: dict[tuple[str, int], Poll] = {}
+    for r in readings:
+        poll = out.get((r.device, r.ts))
+        if poll is None:
+            poll = out[(r.device, r.ts)] = {"device": r.device, "ts": r.ts, "values": {}}
+        poll["values"][r.point] = r.value if r.quality != "bad" else None
+    return list(out.values())
 
 
 class ResendRequest(BaseModel):

@@ -97,7 +97,7 @@ class Outbox:
     # -- writing -------------------------------------------------------------------------------
     def append(self, readings: Iterable[Reading]) -> int:
         """Store readings (one transaction); apply the overflow policy; return how many were stored."""
-        rows = [(r.device, r.point, r.ts, r.value, r.quality) for r in readings]
+        rows = list(readings)
         if not rows:
             return 0
         room = self.max_readings - self._count
@@ -221,7 +221,7 @@ class Outbox:
 
     def _rows(self, where: str, args: tuple[object, ...]) -> list[Reading]:
         rows = self._db.execute(f"SELECT device, point, ts, value, quality FROM readings {where}", args)  # noqa: S608
-        return [Reading.model_construct(device=d, point=p, ts=t, value=v, quality=q) for d, p, t, v, q in rows]
+        return [Reading(*row) for row in rows]
 
     # -- state ---------------------------------------------------------------------------------
     @property

@@ -60,9 +60,8 @@ class DevicePoller:
             value = result.values.get(p.name)
             if isinstance(value, str):
                 continue
-            readings.append(Reading.model_construct(device=self.device.id, point=p.name, ts=ts,
-                                                    value=float(value) if value is not None else None,
-                                                    quality="good" if value is not None else "bad"))
+            readings.append(Reading(self.device.id, p.name, ts, float(value) if value is not None else None,
+                                    "good" if value is not None else "bad"))
         if result.errors:
             reasons = {e.reason for e in result.errors.values()}
             for reason in reasons:

@@ -10,7 +10,6 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Any
 
 import aiomqtt
@@ -18,10 +17,17 @@ import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
 from pydantic import ValidationError
 
-from edge.telemetry import SCHEMA, ResendRequest, TelemetryBatch, resend_topic, status_topic, telemetry_topic
+from edge.telemetry import (
+    SCHEMA,
+    ResendRequest,
+    TelemetryBatch,
+    polls,
+    resend_topic,
+    status_topic,
+    telemetry_topic,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Batch, Outbox
 
@@ -218,7 +224,7 @@ class Uplink:
     async def _send(self, client: _CheckedClient, batch: Batch, resend: bool = False, archived: bool = False) -> None:
         msg = TelemetryBatch.model_construct(
             schema_=SCHEMA, cell=self.cell, gateway=self.gateway, stream=self.outbox.stream, seq=batch.seq,
-            sent=int(time.time() * 1000), replay=batch.replay or resend, readings=batch.readings,
+            sent=int(time.time() * 1000), replay=batch.replay or resend, polls=polls(batch.readings),
             outbox_depth=self.outbox.depth, read_errors=self.metrics.read_errors_total())
         await client.publish_acked(self.topic, msg.to_json())  # returns after a successful PUBACK, else raises
         if archived:

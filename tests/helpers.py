@@ -20,6 +20,12 @@ from gateway.service import GatewayService
 from kwwk.localservers import InfluxDB1
 
 
+def wire_readings(message: dict[str, Any]) -> list[Reading]:
+    """The readings of a telemetry message as published (null values are the unreadable ones)."""
+    return [Reading(p["device"], point, p["ts"], v, "good" if v is not None else "bad")
+            for p in message["polls"] for point, v in p["values"].items()]
+
+
 class Recorder:
     """Subscribes (persistent session, so a broker restart loses nothing) and keeps every message."""
 

@@ -25,6 +25,7 @@ from edge.telemetry import (
     Reading,
     TelemetryBatch,
     deadletter_topic,
+    polls,
     resend_topic,
     status_topic,
     telemetry_topic,
@@ -272,7 +273,7 @@ def _rows(influx: InfluxDB1, query: str) -> list[list[Any]]:
 def _batch(cell: str, gateway: str, device: str, value: float, seq: int) -> bytes:
     now = int(time.time() * 1000)
     fields: dict[str, Any] = {"cell": cell, "gateway": gateway, "seq": seq, "sent": now,
-                              "readings": [Reading(device=device, point="power", ts=now, value=value)]}
+                              "polls": polls([Reading(device, "power", now, value)])}
     if "stream" in TelemetryBatch.model_fields:
         fields["stream"] = "acltest"
     return TelemetryBatch(**fields).to_json()

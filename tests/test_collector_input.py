@@ -32,10 +32,9 @@ TOPIC = "kwwk/v1/twocell/gw-two/telemetry"
 
 
 def _valid(**over: Any) -> dict[str, Any]:
-    body = {"schema": "kwwk.telemetry/1", "cell": "twocell", "gateway": "gw-two", "stream": "abc123", "seq": 1,
+    body = {"schema": "kwwk.telemetry/2", "cell": "twocell", "gateway": "gw-two", "stream": "abc123", "seq": 1,
             "sent": int(time.time() * 1000), "replay": False,
-            "readings": [{"device": "grid", "point": "power", "ts": int(time.time() * 1000), "value": 1.5,
-                          "quality": "good"}]}
+            "polls": [{"device": "grid", "ts": int(time.time() * 1000), "values": {"power": 1.5}}]}
     body.update(over)
     return body
 
@@ -93,21 +92,27 @@ def _mutations() -> st.SearchStrategy[tuple[bytes, str]]:
     bad_json = st.binary(min_size=1, max_size=200).filter(lambda b: not _parses(b)).map(lambda b: (b, "bad_json"))
     junk_value = st.one_of(st.none(), st.booleans(), st.text(max_size=10), st.integers(), st.lists(st.integers()))
     bad_field = st.tuples(st.sampled_from(["schema", "cell", "gateway", "stream", "seq", "sent", "replay",
-                                           "readings"]), junk_value).map(
+                                           "polls"]), junk_value).map(
         lambda kv: (json.dumps(_valid(**{kv[0]: kv[1]})).encode(), "bad_schema"))
-    bad_reading = st.tuples(st.sampled_from(["device", "point", "ts", "value", "quality"]),
-                            st.one_of(st.text(max_size=10), st.lists(st.integers()), st.just(-5), st.just(10**20))
-                            ).map(lambda kv: (json.dumps(_valid(readings=[{**_valid()["readings"][0], kv[0]: kv[1]}]))
-                                              .encode(), "bad_schema"))
-    non_finite = st.sampled_from([b"NaN", b"Infinity", b"-Infinity"]).map(
-        lambda v: (json.dumps(_valid()).replace('"value": 1.5', '"value": ' + v.decode()).encode(), "bad_schema"))
+    junk = st.one_of(st.text(max_size=10), st.lists(st.integers()), st.just(-5), st.just(10**20), st.booleans(),
+                     st.just({}))
+    bad_poll = st.tuples(st.sampled_from(["device", "ts", "values", "extra"]), junk).map(
+        lambda kv: (json.dumps(_valid(polls=[{**_valid()["polls"][0], kv[0]: kv[1]}])).encode(), "bad_schema"))
+    bad_value = st.one_of(st.text(max_size=10), st.booleans(), st.lists(st.integers()), st.just({})).map(
+        lambda v: (json.dumps(_valid(polls=[{**_valid()["polls"][0], "values": {"power": v}}])).encode(),
+                   "bad_schema"))
+    bad_point_name = st.sampled_from(["Power", "1power", "po wer", "", "p" * 65]).map(
+        lambda p: (json.dumps(_valid(polls=[{**_valid()["polls"][0], "values": {p: 1.0}}])).encode(), "bad_schema"))
+    non_finite = st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e999"]).map(
+        lambda v: (json.dumps(_valid()).replace('"power": 1.5', '"power": ' + v.decode()).encode(), "bad_schema"))
     unknown_device = st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True).filter(lambda d: d not in ("grid", "chp")).map(
-        lambda d: (json.dumps(_valid(readings=[{**_valid()["readings"][0], "device": d}])).encode(), "unknown_device"))
+        lambda d: (json.dumps(_valid(polls=[{**_valid()["polls"][0], "device": d}])).encode(), "unknown_device"))
     unknown_point = st.from_regex(r"[a-z][a-z0-9_]{0,20}", fullmatch=True).filter(
         lambda p: p not in CELL.profiles["grid"].by_name).map(
-        lambda p: (json.dumps(_valid(readings=[{**_valid()["readings"][0], "point": p}])).encode(), "unknown_point"))
+        lambda p: (json.dumps(_valid(polls=[{**_valid()["polls"][0], "values": {p: 2.0}}])).encode(), "unknown_point"))
     mismatch = st.just((json.dumps(_valid(gateway="gw-other")).encode(), "topic_mismatch"))
-    return st.one_of(bad_json, bad_field, bad_reading, non_finite, unknown_device, unknown_point, mismatch)
+    return st.one_of(bad_json, bad_field, bad_poll, bad_value, bad_point_name, non_finite, unknown_device,
+                     unknown_point, mismatch)
 
 
 def _parses(b: bytes) -> bool:
@@ -141,7 +146,7 @@ def test_every_bad_payload_is_dead_lettered_and_the_collector_stays_up(harness: 
     assert {"bad_json", "bad_schema", "unknown_device", "unknown_point", "topic_mismatch"} <= seen
     # still up, and still storing what is good
     ts = int(time.time() * 1000)
-    body = _valid(readings=[{"device": "grid", "point": "power", "ts": ts, "value": -77.25, "quality": "good"}])
+    body = _valid(polls=[{"device": "grid", "ts": ts, "values": {"power": -77.25}}])
     harness.client.publish(TOPIC, json.dumps(body), qos=1).wait_for_publish(5)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -159,6 +164,33 @@ def test_unknown_cell_and_gateway_are_dead_lettered(harness: _Harness) -> None:
                         "kwwk/v1/nowhere/gw-two/telemetry")["reason"] == "unknown_cell"
     assert harness.send(json.dumps(_valid(gateway="gw-ghost")).encode(),
                         "kwwk/v1/twocell/gw-ghost/telemetry")["reason"] == "unknown_gateway"
+
+
+def test_a_partly_bad_message_stores_the_good_and_dead_letters_the_rest_once_per_reason(
+        harness: _Harness, influxdb: InfluxDB1) -> None:
+    """Good values are stored; unknown devices and points get one dead letter per reason naming them; an
+    unreadable (null) value is counted, not stored; every value is accounted for in the metrics."""
+    m = harness.ingest.metrics
+    before = {k: m.readings.labels(k)._value.get() for k in ("stored", "rejected", "bad_quality")}  # noqa: SLF001
+    ts = int(time.time() * 1000)
+    body = _valid(seq=11, polls=[
+        {"device": "grid", "ts": ts, "values": {"power": -61.5, "no_such_point": 1.0, "energy_import": None}},
+        {"device": "ghost-1", "ts": ts, "values": {"power": 1.0, "energy_import": 2.0}},
+        {"device": "ghost-2", "ts": ts, "values": {"power": 3.0}},
+    ])
+    harness.client.publish(TOPIC, json.dumps(body), qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len({d["reason"] for d in harness.dead}) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)  # nothing more may come
+    letters = {d["reason"]: d for d in harness.dead}
+    assert len(harness.dead) == 2 and set(letters) == {"unknown_device", "unknown_point"}, harness.dead
+    assert "'ghost-1', 'ghost-2'" in letters["unknown_device"]["detail"]
+    assert "'grid.no_such_point'" in letters["unknown_point"]["detail"]
+    res = influxdb.query(f'SELECT "power", "energy_import" FROM "electricity_meter" WHERE time = {ts}ms')
+    assert res["results"][0]["series"][0]["values"][0][1:] == [-61.5, None]
+    after = {k: m.readings.labels(k)._value.get() for k in before}  # noqa: SLF001
+    assert {k: after[k] - before[k] for k in after} == {"stored": 1, "rejected": 4, "bad_quality": 1}
 
 
 # --- what line protocol can carry is stored intact ----------------------------------------------------------

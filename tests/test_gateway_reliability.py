@@ -23,7 +23,7 @@ from edge.sim import SimulatorServer
 from gateway.uplink import BrokerSettings
 from kwwk.localservers import InfluxDB1, Mosquitto, free_port
 from tests.conftest import ROOT, with_free_ports
-from tests.helpers import Recorder, RecordingGateway, rows, wait_for
+from tests.helpers import Recorder, RecordingGateway, rows, wait_for, wire_readings
 
 pytestmark = pytest.mark.integration
 
@@ -102,12 +102,12 @@ async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mos
     first_sends = {}
     for m in msgs:  # a batch the broker lost is sent again later, with its own number
         first_sends.setdefault(m["seq"], m)
-    replayed = {(r["device"], r["point"], r["ts"]) for m in first_sends.values() if m["replay"] for r in m["readings"]}
+    replayed = {(r.device, r.point, r.ts) for m in first_sends.values() if m["replay"] for r in wire_readings(m)}
     late = {k for k in in_outage if k[2] < outage[1] - gw.outbox.replay_after_ms}
     assert late and late <= replayed, "readings from the outage were sent marked as replay"
     for device in ("grid", "chp"):  # devices are polled concurrently: order holds per device
-        replay_ts = [r["ts"] for _, m in sorted(first_sends.items()) if m["replay"] for r in m["readings"]
-                     if r["device"] == device]
+        replay_ts = [r.ts for _, m in sorted(first_sends.items()) if m["replay"] for r in wire_readings(m)
+                     if r.device == device]
         assert replay_ts == sorted(replay_ts), f"the backlog of {device} was sent oldest first"
     seqs = sorted(first_sends)
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), "no sequence number skipped"
@@ -155,16 +155,8 @@ async def test_sigkill_then_restart_delivers_the_outbox_and_continues_the_sequen
         assert len(pending) >= 4 * 13, "readings were waiting in the outbox when the gateway died"
         mosquitto.start()
         proc = _gateway_proc(cfg_path, mosquitto.port, outbox, log)
-        try:
-            await wait_for(lambda: all(k in _stored(influxdb, cfg) for k in pending), 45,
-                           "every reading of the killed gateway's outbox in InfluxDB")
-        except BaseException:
-            print("DEBUG recorder", [(m["seq"], m["replay"], len(m["readings"]), min(r["ts"] for r in m["readings"])) for m in recorder.snapshot()])
-            print("DEBUG batches", rows(influxdb, "kwwk_batches"))
-            st = _stored(influxdb, cfg)
-            miss = [k for k in pending if k not in st]
-            print("DEBUG missing", len(miss), len(pending), sorted(miss)[:5])
-            raise
+        await wait_for(lambda: all(k in _stored(influxdb, cfg) for k in pending), 45,
+                       "every reading of the killed gateway's outbox in InfluxDB")
         await wait_for(lambda: len({m["seq"] for m in recorder.snapshot()} - seen_before) >= 3, 20,
                        "new messages after the restart")
     finally:
@@ -346,7 +338,7 @@ async def test_a_publish_the_broker_refuses_is_kept_and_reported(tmp_path: Path)
         broker.start()
         await wait_for(lambda: gw.outbox.depth < 60, 30, "the outbox to drain once allowed")
         await asyncio.sleep(1)
-        delivered = {(r["device"], r["point"], r["ts"]) for m in recorder.snapshot() for r in m["readings"]}
+        delivered = {(r.device, r.point, r.ts) for m in recorder.snapshot() for r in wire_readings(m)}
         recorder.close()
     finally:
         stop.set()
