@@ -8,6 +8,7 @@ its per-client limit and around its own restart); the gateway still keeps them i
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,7 +106,10 @@ class GapAuditor:
                         continue
                     gap.requested, gap.tries = now, gap.tries + 1
                     due.append(seq)
-            for chunk in (sorted(due)[i:i + 1000] for i in range(0, len(due), 1000)):
+            # in a new order each time: a shared subscription deals messages round robin, and a dead replica's
+            # session keeps its turn until it expires; the same order could hand it the same batch every time
+            random.shuffle(due)
+            for chunk in (due[i:i + 1000] for i in range(0, len(due), 1000)):
                 self.publish(resend_topic(key[0], key[1]), ResendRequest(stream=key[2], seqs=chunk).model_dump_json()
                              .encode())
                 requested += len(chunk)
