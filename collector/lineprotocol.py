@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["Row", "encode", "escape_measurement", "escape_tag"]
+__all__ = ["Row", "encode", "escape_measurement", "escape_tag", "series_key"]
 
 Row = tuple[str, tuple[tuple[str, str], ...], int, dict[str, float]]  # measurement, tags, ts ms, fields
 
@@ -47,10 +47,15 @@ def _float(v: float) -> str:
     return r if r not in ("nan", "inf", "-inf") else "0"
 
 
+def series_key(measurement: str, tags: Iterable[tuple[str, str]]) -> str:
+    """The start of every line of one series: measurement and tags, escaped, tags sorted, empty ones left out."""
+    return escape_measurement(measurement) + "".join(
+        f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags) if v != "")
+
+
 def encode(rows: Iterable[Row]) -> str:
     lines = []
     for measurement, tags, ts, fields in rows:
-        tag_part = "".join(f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags) if v != "")
         field_part = ",".join(f"{escape_tag(k)}={_float(v)}" for k, v in sorted(fields.items()))
-        lines.append(f"{escape_measurement(measurement)}{tag_part} {field_part} {ts}")
+        lines.append(f"{series_key(measurement, tags)} {field_part} {ts}")
     return "\n".join(lines) + ("\n" if lines else "")

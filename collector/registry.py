@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from collector.lineprotocol import escape_measurement, escape_tag
+from collector.lineprotocol import escape_tag, series_key
 from edge.cell import CellConfig, load_cells
 
 __all__ = ["DeviceInfo", "Registry"]
@@ -37,11 +37,11 @@ class Registry:
                 profile = cfg.profiles[dev.id]
                 points = [p for p in cfg.published_points(dev) if p.numeric]  # strings identify, not measure
                 self.gateways.add((cell_id, gw.id))
-                tags = f"cell={escape_tag(cell_id)},device={escape_tag(dev.id)},gateway={escape_tag(gw.id)}"
                 self.devices[(cell_id, dev.id)] = DeviceInfo(
                     cell_id, gw.id, dev.id, profile.device_class, frozenset(p.name for p in points),
                     {p.name: p.unit for p in points}, dev.consumer,
-                    f"{escape_measurement(profile.device_class)},{tags} ",
+                    series_key(profile.device_class, (("cell", cell_id), ("device", dev.id), ("gateway", gw.id)))
+                    + " ",
                     {p.name: f"{escape_tag(p.name)}=" for p in points})
 
     @classmethod
