@@ -35,7 +35,7 @@ from collector.lineprotocol import Row, encode
 from collector.storage import InfluxSettings, V1Writer
 from edge.cell import CellConfig, load_cell
 from edge.sim.site import Site
-from kwwk.localservers import InfluxDB1, free_port
+from kwwk.dev.localservers import InfluxDB1, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TZ = ZoneInfo("Europe/Berlin")
@@ -66,7 +66,7 @@ def serve(influx_url: str, port: int, cache_s: float) -> None:
 
     from collector.api.app import ApiSettings, create_app
     from collector.registry import Registry
-    from kwwk.obs import setup_logging
+    from edge.obs import setup_logging
 
     setup_logging("ERROR")  # no operator tokens here, and the benchmark needs none
     cells = {c: load_cell(ROOT / f"firmware_configs/cells/{c}.yaml") for c in CELLS}

@@ -28,7 +28,7 @@ from collector.lineprotocol import Row, encode
 from collector.storage import InfluxSettings, V1Writer
 from edge.cell import load_cell
 from edge.sim.site import Site
-from kwwk.localservers import InfluxDB1
+from kwwk.dev.localservers import InfluxDB1
 
 ROOT = Path(__file__).resolve().parents[1]
 

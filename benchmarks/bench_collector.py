@@ -37,7 +37,7 @@ from edge.cell import CellConfig
 from edge.codec import encode_value
 from edge.profile import get_profile
 from edge.telemetry import SCHEMA, Reading, TelemetryBatch, polls, telemetry_topic
-from kwwk.localservers import InfluxDB1, Mosquitto
+from kwwk.dev.localservers import InfluxDB1, Mosquitto
 
 GATEWAYS, DEVICES = 10, 10
 PROFILE = get_profile("eastron_sdm630")

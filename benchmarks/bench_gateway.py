@@ -26,7 +26,7 @@ from edge.telemetry import Reading  # noqa: E402
 from gateway.metrics import GatewayMetrics  # noqa: E402
 from gateway.outbox import Outbox  # noqa: E402
 from gateway.uplink import BrokerSettings, Uplink  # noqa: E402
-from kwwk.localservers import Mosquitto, free_port  # noqa: E402
+from kwwk.dev.localservers import Mosquitto, free_port  # noqa: E402
 from tests.conftest import with_free_ports  # noqa: E402
 
 BACKLOG = 200_000

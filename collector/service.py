@@ -11,7 +11,7 @@ from collector.balance.wiring import InfluxEngine
 from collector.ingest import CollectorSettings, Ingest
 from collector.registry import Registry
 from collector.storage import InfluxSettings, make_writer
-from kwwk.obs import HealthServer
+from edge.obs import HealthServer
 
 __all__ = ["run_collector"]
 

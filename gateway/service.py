@@ -17,7 +17,7 @@ from gateway.outbox import Outbox
 from gateway.poller import build_pollers
 from gateway.systemd import Systemd
 from gateway.uplink import BrokerSettings, Uplink
-from kwwk.obs import HealthServer
+from edge.obs import HealthServer
 
 __all__ = ["GatewayService"]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import os
 import signal
 import sys
@@ -29,18 +31,18 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(collector_app, name="collector")
 app.add_typer(api_app, name="api")
-# parts that grow on their own: each module keeps its imports inside its commands
-from collector.api.tokens_cli import app as api_token_app  # noqa: E402
-from collector.balance.cli import app as balance_app  # noqa: E402
-from gateway.commission.cli import app as commission_app  # noqa: E402
-from kwwk.broker_cli import app as broker_app  # noqa: E402
-from dashboards.cli import app as dashboards_app  # noqa: E402
-
-app.add_typer(balance_app, name="balance")
-app.add_typer(commission_app, name="commission")
-app.add_typer(broker_app, name="broker")
-app.add_typer(dashboards_app, name="dashboards")
-api_app.add_typer(api_token_app, name="token")
+# parts that grow on their own, each keeping its imports inside its commands. A gateway's install
+# (`pip install '.[gateway]'`) has only the gateway's parts: the groups of absent packages are not offered.
+_GROUPS = (
+    (api_app, "token", "collector.api.tokens_cli"),
+    (app, "balance", "collector.balance.cli"),
+    (app, "commission", "gateway.commission.cli"),
+    (app, "broker", "kwwk.deploy.broker_cli"),
+    (app, "dashboards", "dashboards.cli"),
+)
+for _parent, _name, _module in _GROUPS:
+    if importlib.util.find_spec(_module.rsplit(".", 1)[0]) is not None:
+        _parent.add_typer(importlib.import_module(_module).app, name=_name)
 
 DEFAULT_CELLS = Path("firmware_configs/cells")
 CellOpt = Annotated[Path, typer.Option("--cell", help="cell config file", exists=True, dir_okay=False)]
@@ -111,7 +113,7 @@ def sim_run(cell: Annotated[list[Path], typer.Option("--cell", help="cell config
             log_level: LogOpt = "INFO") -> None:
     """Serve every device of the cells as Modbus TCP servers whose registers follow the site's physics."""
     from edge.sim import SimClock, SimulatorServer
-    from kwwk.obs import setup_logging
+    from edge.obs import setup_logging
 
     setup_logging(log_level)
     cfgs = [_load_cell(c) for c in cell]
@@ -142,7 +144,7 @@ def gateway_run(
     """Poll the gateway's devices and publish their readings; nothing is lost while the uplink is down."""
     from gateway.service import GatewayService
     from gateway.uplink import BrokerSettings
-    from kwwk.obs import setup_logging
+    from edge.obs import setup_logging
 
     setup_logging(log_level)
     cfg = _load_cell(cell)
@@ -176,7 +178,7 @@ def collector_run(
     from collector.ingest import CollectorSettings
     from collector.service import run_collector
     from collector.storage import InfluxSettings
-    from kwwk.obs import setup_logging
+    from edge.obs import setup_logging
 
     setup_logging(log_level)
     registry = _registry(cells)
@@ -214,7 +216,7 @@ def api_run(
 
     from collector.api.app import ApiSettings, create_app
     from collector.storage import InfluxSettings
-    from kwwk.obs import setup_logging
+    from edge.obs import setup_logging
 
     setup_logging(log_level)
     registry = _registry(cells)
@@ -241,8 +243,8 @@ def demo(
 ) -> None:
     """Run a whole simulated alliance on this machine: Mosquitto, InfluxDB, the simulator, a gateway per
     cell, the collector and the API on 127.0.0.1. Ctrl-C stops everything."""
-    from kwwk.demo import Demo
-    from kwwk.obs import setup_logging
+    from kwwk.dev.demo import Demo
+    from edge.obs import setup_logging
 
     setup_logging(log_level)
     try:

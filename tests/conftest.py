@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kwwk.localservers import InfluxDB1, Mosquitto, VictoriaMetrics, free_port
+from kwwk.dev.localservers import InfluxDB1, Mosquitto, VictoriaMetrics, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ROOT / "firmware_configs" / "cells"

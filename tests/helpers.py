@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 
 from edge.telemetry import Reading
 from gateway.service import GatewayService
-from kwwk.localservers import InfluxDB1
+from kwwk.dev.localservers import InfluxDB1
 
 
 def wire_readings(message: dict[str, Any]) -> list[Reading]:

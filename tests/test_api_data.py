@@ -35,7 +35,7 @@ from collector.registry import Registry
 from collector.storage import InfluxSettings, V1Writer
 from edge.cell import CellConfig
 from edge.sim.site import Site
-from kwwk.localservers import InfluxDB1, Mosquitto, free_port
+from kwwk.dev.localservers import InfluxDB1, Mosquitto, free_port
 from tests.conftest import CELLS
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ from edge.sim import SimulatorServer
 from edge.telemetry import status_topic
 from gateway.service import GatewayService
 from gateway.uplink import BrokerSettings
-from kwwk.localservers import InfluxDB1, Mosquitto
+from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, with_free_ports
 from tests.helpers import wait_for
 from tests.test_api_data import NOW_S, SENTINEL_KW, START_S, ApiData, api_data  # noqa: F401

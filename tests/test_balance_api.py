@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from collector.api.balance import make_router
 from collector.registry import Registry
-from kwwk.localservers import InfluxDB1
+from kwwk.dev.localservers import InfluxDB1
 from tests.test_balance_scenarios import DAY, H, Backend, day_readings, make_testdorf
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,7 @@ from edge.telemetry import (
     status_topic,
     telemetry_topic,
 )
-from kwwk.broker import (
+from kwwk.deploy.broker import (
     TIME_TOPIC,
     accounts,
     hash_password,
@@ -40,7 +40,7 @@ from kwwk.broker import (
     write_broker_files,
 )
 from kwwk.cli import app
-from kwwk.localservers import InfluxDB1, Mosquitto
+from kwwk.dev.localservers import InfluxDB1, Mosquitto
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 
@@ -317,7 +317,7 @@ async def test_gateway_a_cannot_publish_into_gateway_b_and_nothing_is_stored(
 
 
 def test_the_api_account_may_read_gateway_status_and_nothing_else() -> None:
-    from kwwk.broker import Account, render_acl
+    from kwwk.deploy.broker import Account, render_acl
 
     acl = render_acl([Account("api", "api")]).splitlines()
     grants = [line for line in acl if line.startswith("topic")]

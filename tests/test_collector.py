@@ -19,7 +19,7 @@ from collector.registry import Registry
 from edge.cell import CellConfig, load_cell
 from edge.sim import SimulatorServer
 from gateway.uplink import BrokerSettings
-from kwwk.localservers import InfluxDB1, Mosquitto, free_port
+from kwwk.dev.localservers import InfluxDB1, Mosquitto, free_port
 from tests.conftest import ROOT, with_free_ports
 from tests.helpers import RecordingGateway, rows, wait_for
 

@@ -22,7 +22,7 @@ from collector.lineprotocol import encode
 from collector.registry import Registry
 from collector.storage import InfluxSettings, V1Writer, V2Writer
 from edge.cell import load_cell
-from kwwk.localservers import InfluxDB1, Mosquitto, VictoriaMetrics
+from kwwk.dev.localservers import InfluxDB1, Mosquitto, VictoriaMetrics
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration

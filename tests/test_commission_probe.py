@@ -13,12 +13,12 @@ import pytest
 
 from edge.cell import load_cell
 from edge.modbus import ModbusLine
-from edge.modbus.testing import SimServer
+from edge.sim.modbus_server import SimServer
 from edge.profile import Profile, get_profile
 from edge.sim import SimClock, SimulatorServer
 from edge.sim.image import RegisterImage
 from gateway.commission.probe import DeviceProbe, probe_device
-from kwwk.localservers import free_port
+from kwwk.dev.localservers import free_port
 
 pytestmark = pytest.mark.integration
 KWWK = str(Path(sys.executable).parent / "kwwk")

@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from edge.cell import load_cell
-from edge.modbus.testing import SimServer
+from edge.sim.modbus_server import SimServer
 from edge.profile import get_profile
 from edge.sim import SimulatorServer
 from edge.sim.image import RegisterImage
 from gateway.commission.scan import parse_units, scan_serial, scan_tcp, scan_yaml
-from kwwk.localservers import free_port
+from kwwk.dev.localservers import free_port
 
 pytestmark = pytest.mark.integration
 KWWK = str(Path(sys.executable).parent / "kwwk")

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from dashboards.cli import app
 from dashboards.folders import FOLDERS, JSON_DIR, load_dir
-from kwwk.localservers import free_port
+from kwwk.dev.localservers import free_port
 
 TOKEN = "glsa_test_token"
 

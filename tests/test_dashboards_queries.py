@@ -36,7 +36,7 @@ from edge.profile import Point, Profile
 from edge.sim.image import RegisterImage
 from edge.sim.site import Site
 from kwwk.cli import app
-from kwwk.localservers import InfluxDB1
+from kwwk.dev.localservers import InfluxDB1
 from tests.conftest import CELLS, ROOT
 
 pytestmark = pytest.mark.integration

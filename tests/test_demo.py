@@ -18,7 +18,7 @@ import pytest
 
 from edge.cell import load_cells
 from edge.modbus import DeviceReader, ModbusLine
-from kwwk.localservers import _port_open, free_port
+from kwwk.dev.localservers import _port_open, free_port
 from tests.conftest import CELLS, with_free_ports
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from collector.storage import InfluxSettings
 from edge.cell import CellConfig, load_cell
 from edge.sim import SimulatorServer
 from gateway.uplink import BrokerSettings
-from kwwk.localservers import InfluxDB1, Mosquitto, free_port
+from kwwk.dev.localservers import InfluxDB1, Mosquitto, free_port
 from tests.conftest import ROOT, with_free_ports
 from tests.helpers import Recorder, RecordingGateway, rows, wait_for, wire_readings
 

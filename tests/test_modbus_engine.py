@@ -24,7 +24,7 @@ from edge.modbus import (
     ModbusLine,
     ReadTimeout,
 )
-from edge.modbus.testing import SimServer, free_port, image_for
+from edge.sim.modbus_server import SimServer, free_port, image_for
 from edge.profile import Profile, get_profile
 
 pytestmark = pytest.mark.integration

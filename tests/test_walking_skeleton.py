@@ -19,7 +19,7 @@ from edge.cell import load_cell
 from edge.sim import SimulatorServer
 from gateway.service import GatewayService
 from gateway.uplink import BrokerSettings
-from kwwk.localservers import InfluxDB1, Mosquitto
+from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, with_free_ports
 from tests.helpers import wait_for
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from edge.telemetry import SCHEMA, TOPIC_ROOT, status_topic
 from gateway.commission.common import Status
-from kwwk.broker import TIME_TOPIC
+from kwwk.deploy.broker import TIME_TOPIC
 
 __all__ = [
     "BrokerTarget", "Check", "MqttOutcome", "broker_checks", "clock_check", "mqtt_session", "outbox_check",

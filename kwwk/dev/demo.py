@@ -26,8 +26,8 @@ from edge.cell import load_cells
 from edge.sim import SimClock, SimulatorServer
 from gateway.service import GatewayService
 from gateway.uplink import BrokerSettings
-from kwwk.history import backfill
-from kwwk.localservers import InfluxDB1, Mosquitto, _port_open
+from kwwk.dev.history import backfill
+from kwwk.dev.localservers import InfluxDB1, Mosquitto, _port_open
 
 __all__ = ["Demo"]
 

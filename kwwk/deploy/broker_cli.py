@@ -39,7 +39,7 @@ def acl(
     """
     from edge.cell import load_cells
     from edge.yamlio import ConfigError
-    from kwwk.broker import write_broker_files
+    from kwwk.deploy.broker import write_broker_files
 
     try:
         registry = load_cells(cells)
@@ -90,7 +90,7 @@ def beacon(
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from kwwk.broker import TIME_TOPIC, time_beacon_payload
+    from kwwk.deploy.broker import TIME_TOPIC, time_beacon_payload
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kwwk-beacon-{int(time.time())}",
                          protocol=mqtt.MQTTv5)
