@@ -28,7 +28,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.modbus import DeviceReader, LineSpec, ModbusLine
-from edge.sim.modbus_server import Image, SimServer, free_port, image_for, synthetic_values
+from edge.sim.image import Image, image_for, synthetic_values
+from edge.sim.modbus_server import SimServer, free_port
 from edge.planner import plan, plan_single
 from edge.profile import Profile, get_profile, profile_ids
 

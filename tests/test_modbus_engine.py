@@ -24,7 +24,8 @@ from edge.modbus import (
     ModbusLine,
     ReadTimeout,
 )
-from edge.sim.modbus_server import SimServer, free_port, image_for
+from edge.sim.image import image_for
+from edge.sim.modbus_server import SimServer, free_port
 from edge.profile import Profile, get_profile
 
 pytestmark = pytest.mark.integration

@@ -1,13 +1,75 @@
-"""Turn a device's simulated values into the register image its profile describes, and back for writes."""
+"""Values to register images through a device's profile: the one encoder of every simulated device.
+
+The simulator (RegisterImage, whose registers follow the site's physics), the test Modbus servers
+(image_for, synthetic_values) and the benchmarks all encode here, through edge/codec.py's
+encode_value, in the profile's word and byte order, so what they serve is exactly what
+Profile.decode reads back.
+
+An image is {table: {wire address: word}} (bits 0/1 for coil and discrete tables).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from edge.codec import REGISTER_COUNT, encode_value
 from edge.profile import Point, Profile
 
-__all__ = ["RegisterImage"]
+__all__ = ["Image", "RegisterImage", "encode_point", "image_for", "synthetic_values"]
+
+Image = dict[str, dict[int, int]]
+
+
+def encode_point(profile: Profile, p: Point, value: float | str, values: Mapping[str, float | str]) -> list[int]:
+    """A point's register words for an engineering value: the inverse of Profile.decode.
+
+    Scale and offset are undone; a point with a scale_register is encoded against that register's
+    exponent in `values` (0 if absent). An integer point cannot hold NaN: it is sent as 0.
+    """
+    if p.table in ("coil", "discrete"):
+        return [1 if value else 0] * p.registers
+    word_order, byte_order = profile.orders(p)
+    if p.type == "string":
+        return encode_value(str(value), "string", p.registers, word_order=word_order, byte_order=byte_order)
+    factor = p.scale
+    if p.scale_register is not None:
+        factor *= 10.0 ** int(values.get(p.scale_register, 0))  # type: ignore[arg-type]
+    raw = (float(value) - p.offset) / factor if factor else 0.0
+    if p.type not in ("f32", "f64") and math.isnan(raw):
+        raw = 0.0
+    return encode_value(raw, p.type, word_order=word_order, byte_order=byte_order)
+
+
+def image_for(profile: Profile, values: Mapping[str, float | str], image: Image | None = None) -> Image:
+    """Encode engineering values into a register image (only the points given; into `image` if passed)."""
+    image = image if image is not None else {}
+    for name, value in values.items():
+        p = profile.by_name[name]
+        t = image.setdefault(p.table, {})
+        for i, w in enumerate(encode_point(profile, p, value, values), start=profile.wire(p)):
+            t[i] = w
+    return image
+
+
+def synthetic_values(profile: Profile) -> dict[str, float | str]:
+    """A plausible value for every point: mid-range numbers, the first enum member, short strings."""
+    out: dict[str, float | str] = {}
+    for p in profile.points:
+        if p.table in ("coil", "discrete"):
+            out[p.name] = 1
+        elif p.type == "string":
+            out[p.name] = "KWWK"[: 2 * p.registers]
+        elif p.enum:
+            out[p.name] = min(p.enum)
+        elif p.scale_register is None and any(q.scale_register == p.name for q in profile.points):
+            out[p.name] = 0  # a scale factor: 10**0
+        elif p.range is not None and all(math.isfinite(x) for x in p.range):
+            lo, hi = p.range
+            out[p.name] = (lo + hi) / 2 if p.type in ("f32", "f64") else round((lo + hi) / 2 / (p.scale or 1)) * (p.scale or 1)
+        else:
+            out[p.name] = 1
+    return out
 
 
 def _default(p: Point) -> float | str:
@@ -20,11 +82,12 @@ def _default(p: Point) -> float | str:
 
 
 class RegisterImage:
-    """The four Modbus tables of one simulated device, {table: {wire address: word}}."""
+    """The four Modbus tables of one simulated device, {table: {wire address: word}}, kept up to date
+    with the simulated values; scale factors are chosen so every value fits its register."""
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
-        self.tables: dict[str, dict[int, int]] = {"holding": {}, "input": {}, "coil": {}, "discrete": {}}
+        self.tables: Image = {"holding": {}, "input": {}, "coil": {}, "discrete": {}}
         self._sf_users: dict[str, list[Point]] = {}
         for p in profile.points:
             if p.scale_register:
@@ -65,51 +128,16 @@ class RegisterImage:
         merged: dict[str, float | str] = {}
         for p in self.profile.points:
             merged[p.name] = values.get(p.name, self.fixed.get(p.name, _default(p)))
-        exps: dict[str, int] = {}
         for sf_name in self._sf_users:
-            sf_point = self.profile.by_name[sf_name]
-            exps[sf_name] = self._choose_sf(sf_point, merged)
-            merged[sf_name] = exps[sf_name]
-        for p in self.profile.points:
-            self._encode(p, merged[p.name], exps)
-
-    def _encode(self, p: Point, value: float | str, exps: dict[str, int]) -> None:
-        base = self.profile.wire(p)
-        table = self.tables[p.table]
-        if p.table in ("coil", "discrete"):
-            table[base] = 1 if value else 0
-            return
-        if isinstance(value, float | int) and p.type != "string":
-            if p.scale_register is None or p.name in exps:
-                factor = p.scale
-            else:
-                factor = p.scale * 10.0 ** exps.get(p.scale_register, 0)
-            raw: float | str = (float(value) - p.offset) / factor if factor else 0.0
-            if p.type not in ("f32", "f64") and isinstance(raw, float):
-                raw = 0.0 if math.isnan(raw) else raw
-        else:
-            raw = value
-        word_order, byte_order = self.profile.orders(p)
-        words = encode_value(raw, p.type, p.count, word_order=word_order, byte_order=byte_order)
-        for i, w in enumerate(words):
-            table[base + i] = w
+            merged[sf_name] = self._choose_sf(self.profile.by_name[sf_name], merged)
+        image_for(self.profile, merged, self.tables)
 
     def written(self, table: str, address: int, words: list[int]) -> dict[str, float]:
         """Apply a Modbus write; return the engineering values of the points it fully covers."""
         t = self.tables[table]
         for i, w in enumerate(words):
             t[address + i] = w
-        touched: dict[str, float] = {}
-        raw: dict[str, int | float | str | None] = {}
-        for p in self.profile.points:
-            if p.table != table:
-                continue
-            base = self.profile.wire(p)
-            raw[p.name] = self.profile.decode_raw(p, [t.get(base + i, 0) for i in range(p.registers)])
-        for p in self.profile.points:
-            base = self.profile.wire(p)
-            if p.table == table and address <= base and base + p.registers <= address + len(words):
-                v = self.profile.engineering(p, raw[p.name], raw)
-                if isinstance(v, float):
-                    touched[p.name] = v
-        return touched
+        covered = [p for p in self.profile.points if p.table == table and address <= self.profile.wire(p)
+                   and self.profile.wire(p) + p.registers <= address + len(words)]
+        values = self.profile.decode({table: t})
+        return {p.name: v for p in covered if isinstance(v := values.get(p.name), float)}

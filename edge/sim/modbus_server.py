@@ -13,9 +13,8 @@ answers exception 2 for any request that touches another, like a device with gap
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -25,13 +24,11 @@ from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from edge.codec import encode_value
 from edge.modbus._line import LineSpec
-from edge.profile import Point, Profile
+from edge.sim.image import Image, image_for  # image_for: tests/test_rtu.py still imports it from here
 
-__all__ = ["Image", "Observed", "SimServer", "free_port", "image_for", "synthetic_values"]
+__all__ = ["Image", "Observed", "SimServer", "free_port", "image_for"]
 
-Image = dict[str, dict[int, int]]
 #: async action(function_code, start_address, address, count, registers, set_values) -> ExcCodes | None
 Action = Callable[[int, int, int, int, list[int], Any], Awaitable[ExcCodes | None]]
 
@@ -167,54 +164,3 @@ class SimServer:
 
     def requests_for(self, unit_id: int) -> list[Observed]:
         return [o for o in self.seen if o.unit_id == unit_id]
-
-
-def image_for(profile: Profile, values: Mapping[str, float | str], image: Image | None = None) -> Image:
-    """Encode engineering values into a register image, in the profile's word and byte order.
-
-    The inverse of Profile.decode for plain points (scale and offset are undone; a point with a
-    scale_register is encoded against that register's value in `values`, 0 if absent).
-    """
-    image = image if image is not None else {}
-    for name, value in values.items():
-        p = profile.by_name[name]
-        words = _encode(profile, p, value, values)
-        t = image.setdefault(p.table, {})
-        base = profile.wire(p)
-        for i, w in enumerate(words):
-            t[base + i] = w
-    return image
-
-
-def _encode(profile: Profile, p: Point, value: float | str, values: Mapping[str, float | str]) -> list[int]:
-    if p.table in ("coil", "discrete"):
-        return [1 if value else 0] * p.registers
-    if p.type == "string":
-        return encode_value(str(value), "string", p.registers, word_order="big", byte_order=profile.orders(p)[1])
-    factor = p.scale
-    if p.scale_register is not None:
-        factor *= 10.0 ** int(values.get(p.scale_register, 0))  # type: ignore[arg-type]
-    raw = (float(value) - p.offset) / factor if factor else 0.0
-    word_order, byte_order = profile.orders(p)
-    return encode_value(raw if p.type in ("f32", "f64") else round(raw), p.type,
-                        word_order=word_order, byte_order=byte_order)
-
-
-def synthetic_values(profile: Profile) -> dict[str, float | str]:
-    """A plausible value for every point: mid-range numbers, the first enum member, short strings."""
-    out: dict[str, float | str] = {}
-    for p in profile.points:
-        if p.table in ("coil", "discrete"):
-            out[p.name] = 1
-        elif p.type == "string":
-            out[p.name] = "KWWK"[: 2 * p.registers]
-        elif p.enum:
-            out[p.name] = min(p.enum)
-        elif p.scale_register is None and any(q.scale_register == p.name for q in profile.points):
-            out[p.name] = 0  # a scale factor: 10**0
-        elif p.range is not None and all(math.isfinite(x) for x in p.range):
-            lo, hi = p.range
-            out[p.name] = (lo + hi) / 2 if p.type in ("f32", "f64") else round((lo + hi) / 2 / (p.scale or 1)) * (p.scale or 1)
-        else:
-            out[p.name] = 1
-    return out
