@@ -1,6 +1,7 @@
 """The wire contract between gateways and the collector: topics and the telemetry message (schema 2).
 
-Both sides import this module, so a change to the contract is a change in one place.
+Both sides import this module, so a change to the contract is a change in one place. The control
+messages (status, dead letter, resend request, time beacon) are modelled beside it, in edge/messages.py.
 
 Schema 2 carries one entry per device poll (device, instant, point values), the shape of one InfluxDB
 line: a quarter of schema 1's bytes on a gateway's metered uplink, and a fraction of the collector's work.
@@ -20,7 +21,6 @@ __all__ = [
     "Poll",
     "Quality",
     "Reading",
-    "ResendRequest",
     "TelemetryBatch",
     "deadletter_topic",
     "parse_topic",
@@ -123,9 +123,10 @@ def polls(readings: Iterable[Reading]) -> list[Poll]:
     return list(out.values())
 
 
-class ResendRequest(BaseModel):
-    """A collector noticed missing sequence numbers and asks for those batches again."""
+def __getattr__(name: str) -> object:
+    """ResendRequest moved to edge.messages with the other control messages; old imports still find it."""
+    if name == "ResendRequest":
+        from edge.messages import ResendRequest
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    stream: str = Field(pattern=r"^[a-z0-9]{1,32}$")
-    seqs: list[int] = Field(min_length=1, max_length=1000)
+        return ResendRequest
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
 from edge.cell import load_cells
+from edge.messages import TIME_TOPIC
 from edge.telemetry import (
     Reading,
     TelemetryBatch,
@@ -31,7 +32,6 @@ from edge.telemetry import (
     telemetry_topic,
 )
 from kwwk.deploy.broker import (
-    TIME_TOPIC,
     accounts,
     hash_password,
     parse_password_file,

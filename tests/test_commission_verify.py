@@ -32,7 +32,8 @@ from edge.sim.image import RegisterImage
 from gateway.commission.checks import BrokerTarget, MqttOutcome, clock_check
 from gateway.commission.report import write_reports
 from gateway.commission.verify import VerifyReport, verify
-from kwwk.deploy.broker import TIME_TOPIC, time_beacon_payload, write_broker_files
+from edge.messages import TIME_TOPIC, time_beacon_payload
+from kwwk.deploy.broker import write_broker_files
 from kwwk.dev.localservers import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """Modbus transports, one arbiter per physical line, and the device reader built on the read planner."""
 
-from edge.modbus._backoff import Backoff
+from edge.backoff import Backoff
 from edge.modbus._errors import (
     NO_ANSWER_CODES,
     SPLIT_CODES,

@@ -36,7 +36,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
-from edge.modbus._backoff import Backoff
+from edge.backoff import Backoff
 from edge.modbus._errors import (
     NO_ANSWER_CODES,
     DeviceBackoff,

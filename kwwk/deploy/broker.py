@@ -16,9 +16,7 @@ hashed into the password file in the format of `mosquitto_passwd` 2.0 (`$7$`: PB
 12-byte salt, 64-byte hash, base64). A re-run keeps every existing password and every existing hash
 line byte for byte; new gateways get new passwords; `rotate` makes new ones on purpose.
 
-The time beacon (`kwwk/v1/_time`) is a retained message with the central side's clock and a
-Message Expiry Interval; Mosquitto sends the *remaining* interval with it, so a reader knows how
-old the beacon is and can compare its own clock offline (see gateway/commission/verify.py).
+Gateways may read the time beacon (`kwwk/v1/_time`, edge/messages.py) and collectors write it.
 """
 
 from __future__ import annotations
@@ -27,36 +25,28 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import os
 import secrets
-import socket
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.cell import CellConfig
+from edge.messages import TIME_TOPIC
 from edge.telemetry import TOPIC_ROOT, resend_topic, status_topic, telemetry_topic
 
 __all__ = [
     "DEFAULT_ITERATIONS",
-    "TIME_SCHEMA",
-    "TIME_TOPIC",
     "Account",
     "BrokerFilesSummary",
     "accounts",
     "hash_password",
     "parse_password_file",
     "render_acl",
-    "time_beacon_payload",
     "verify_password",
     "write_broker_files",
 ]
 
-#: retained beacon with the central side's clock (readable by every gateway, written by collectors)
-TIME_TOPIC = f"{TOPIC_ROOT}/_time"
-TIME_SCHEMA = "kwwk.time/1"
 #: mosquitto_passwd 2.0's default (PW_DEFAULT_ITERATIONS); the random passwords carry the strength
 DEFAULT_ITERATIONS = 101
 SALT_BYTES = 12  # mosquitto's SALT_LEN
@@ -283,13 +273,3 @@ def write_broker_files(cells: Mapping[str, CellConfig], out: Path, secrets_dir: 
     _write_private(passwd_path, "\n".join(lines) + "\n", 0o600)
     _write_private(acl_path, render_acl(accts), 0o644)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------- time beacon
-
-def time_beacon_payload(expiry: int, now: float | None = None, source: str | None = None) -> bytes:
-    """The retained time beacon: the publisher's clock (UTC ms), the Message Expiry Interval it is sent
-    with (so a reader can tell its age from the remaining interval the broker forwards), and who sent it."""
-    ts = int((time.time() if now is None else now) * 1000)
-    return json.dumps({"schema": TIME_SCHEMA, "ts": ts, "expiry": int(expiry),
-                       "source": source or socket.gethostname()}).encode()

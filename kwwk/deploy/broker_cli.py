@@ -90,7 +90,7 @@ def beacon(
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from kwwk.deploy.broker import TIME_TOPIC, time_beacon_payload
+    from edge.messages import TIME_TOPIC, time_beacon_payload
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kwwk-beacon-{int(time.time())}",
                          protocol=mqtt.MQTTv5)
