@@ -16,6 +16,7 @@ install -d -m 0750 -o kwwk -g kwwk /var/lib/kwwk
 rm -rf /opt/kwwk/src && cp -r "$src" /opt/kwwk/src && rm -rf /opt/kwwk/src/.venv /opt/kwwk/src/var
 [ -x /opt/kwwk/venv/bin/python ] || python3 -m venv /opt/kwwk/venv
 /opt/kwwk/venv/bin/pip install -q --upgrade pip
+# the gateway extra only: edge, gateway and the kwwk command; no simulator, demo, central code or dependencies
 /opt/kwwk/venv/bin/pip install -q "/opt/kwwk/src[gateway]"
 
 ln -sf /opt/kwwk/venv/bin/kwwk /usr/local/bin/kwwk   # technicians type `kwwk commission ...`
