@@ -27,22 +27,33 @@ collector_app = typer.Typer(help="The collector: MQTT → InfluxDB.", no_args_is
                             epilog="Example: kwwk collector run --cells firmware_configs/cells")
 api_app = typer.Typer(help="The HTTP API.", no_args_is_help=True,
                       epilog="Example: kwwk api run --cells firmware_configs/cells --port 8000")
-app.add_typer(sim_app, name="sim")
-app.add_typer(gateway_app, name="gateway")
-app.add_typer(collector_app, name="collector")
-app.add_typer(api_app, name="api")
-# parts that grow on their own, each keeping its imports inside its commands. A gateway's install
-# (`pip install '.[gateway]'`) has only the gateway's parts: the groups of absent packages are not offered.
+
+
+def _installed(package: str) -> bool:
+    """Whether `package` is importable here. A gateway's install (`pip install '.[gateway]'`) has no collector,
+    dashboards, edge.sim, kwwk.dev or kwwk.deploy; find_spec raises, not answers None, when the parent is absent."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# Only the groups whose package is installed are offered, so a gateway shows `gateway` and `commission`.
+# The groups below grow on their own, each keeping its imports inside its commands.
 _GROUPS = (
-    (api_app, "token", "collector.api.tokens_cli"),
-    (app, "balance", "collector.balance.cli"),
-    (app, "commission", "gateway.commission.cli"),
-    (app, "broker", "kwwk.deploy.broker_cli"),
-    (app, "dashboards", "dashboards.cli"),
+    (app, sim_app, "sim", "edge.sim"),
+    (app, gateway_app, "gateway", "gateway"),
+    (app, collector_app, "collector", "collector"),
+    (app, api_app, "api", "collector.api"),
+    (api_app, "collector.api.tokens_cli", "token", "collector.api"),
+    (app, "collector.balance.cli", "balance", "collector.balance"),
+    (app, "gateway.commission.cli", "commission", "gateway.commission"),
+    (app, "kwwk.deploy.broker_cli", "broker", "kwwk.deploy"),
+    (app, "dashboards.cli", "dashboards", "dashboards"),
 )
-for _parent, _name, _module in _GROUPS:
-    if importlib.util.find_spec(_module.rsplit(".", 1)[0]) is not None:
-        _parent.add_typer(importlib.import_module(_module).app, name=_name)
+for _parent, _group, _name, _package in _GROUPS:
+    if _installed(_package):
+        _parent.add_typer(importlib.import_module(_group).app if isinstance(_group, str) else _group, name=_name)
 
 DEFAULT_CELLS = Path("firmware_configs/cells")
 CellOpt = Annotated[Path, typer.Option("--cell", help="cell config file", exists=True, dir_okay=False)]
