@@ -13,7 +13,6 @@ answers exception 2 for any request that touches another, like a device with gap
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -26,6 +25,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge.modbus._line import LineSpec
 from edge.sim.image import Image, image_for  # image_for: tests/test_rtu.py still imports it from here
+from edge.sim.ports import reserve_port
 
 __all__ = ["Image", "Observed", "SimServer", "free_port", "image_for"]
 
@@ -36,10 +36,8 @@ _TABLE_ORDER = ("coil", "discrete", "holding", "input")
 _FC_TABLE = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+#: a port of this process' own until it exits, where nothing listens (kept for existing callers)
+free_port = reserve_port
 
 
 def _runs(addresses: Iterable[int]) -> list[tuple[int, int]]:
@@ -124,11 +122,12 @@ class SimServer:
             self._server = ModbusSerialServer(devices, framer=framer, port=self.serial_port, baudrate=115200,
                                               trace_pdu=self._trace_pdu)  # type: ignore[arg-type]
         else:
-            if not self.port:
-                self.port = free_port()
+            # port 0: the system picks one and we read it back; a restart (stop, start) asks for that same port
             self._server = ModbusTcpServer(devices, framer=framer, address=(self.host, self.port),
                                            trace_pdu=self._trace_pdu)  # type: ignore[arg-type]
         await self._server.serve_forever(background=True)
+        if self.serial_port is None:
+            self.port = self._server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return self
 
     async def stop(self) -> None:

@@ -1,7 +1,10 @@
 """Real Mosquitto, InfluxDB 1.x and VictoriaMetrics from the system packages, run in a folder of our own.
 
 Used by `kwwk demo` and by the integration tests: each server gets its own config, data folder and
-free loopback ports, and is stopped (and its folder kept for inspection) afterwards.
+loopback port, and is stopped (and its folder kept for inspection) afterwards. Without a port
+given, a server that can bind port 0 does so and `port` is read back from the running process; one
+that cannot (Mosquitto) gets a reserved port (edge.sim.ports explains why neither can collide). A
+restart reuses the port the first start got.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from edge.sim.ports import listening_ports, reserve_port
+
 __all__ = ["InfluxDB1", "LocalServer", "Mosquitto", "ServerMissing", "VictoriaMetrics", "free_port"]
 
 
@@ -26,10 +31,8 @@ class ServerMissing(RuntimeError):
     """The server's program is not installed; the message says which package to install."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+#: a port of this process' own until it exits, where nothing listens (kept for existing callers)
+free_port = reserve_port
 
 
 def _find(program: str, package: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin")) -> str:
@@ -42,11 +45,14 @@ def _find(program: str, package: str, extra_dirs: tuple[str, ...] = ("/usr/sbin"
 
 class LocalServer:
     name = "server"
+    #: False for a server that cannot bind port 0: it gets a reserved port instead
+    binds_port_zero = True
 
     def __init__(self, workdir: Path | str, port: int | None = None) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        #: 0 until a server that binds port 0 has started; then the port it got, kept for restarts
+        self.port = port or (0 if self.binds_port_zero else reserve_port())
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / f"{self.name}.log"
 
@@ -65,12 +71,26 @@ class LocalServer:
             if self.proc.poll() is not None:
                 msg = f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n{self._tail()}"
                 raise RuntimeError(msg)
-            if self.ready():
+            if (self.port or self._learn_ports()) and self.ready():
                 return self
             time.sleep(0.1)
         self.stop()
         msg = f"{self.name} did not become ready on port {self.port} in {timeout:.0f}s; see {self.log_path}"
         raise RuntimeError(msg)
+
+    def _learn_ports(self) -> bool:
+        """Read back the port(s) a server started on port 0 got; False while it has not bound them yet.
+
+        A restart then asks for the same port explicitly. Between a stop and that restart the port is
+        free, and the kernel could hand it to another process' bind(0) in that moment; with ~28k
+        ephemeral ports handed out in turn that is rare enough not to handle beyond the clear
+        start-up error (the log shows "address already in use")."""
+        assert self.proc is not None
+        ports = listening_ports(self.proc.pid)
+        if not ports:
+            return False
+        self.port = min(ports)
+        return True
 
     def _tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -121,7 +141,8 @@ class Mosquitto(LocalServer):
     made local; `extra` adds lines (TLS listeners, password and ACL files)."""
 
     name = "mosquitto"
-    SHIPPED = Path(__file__).resolve().parent.parent / "firmware_configs" / "mosquitto" / "mosquitto.conf"
+    binds_port_zero = False  # Mosquitto 2.0: `listener 0` means a Unix socket, and TCP port 0 is refused
+    SHIPPED = Path(__file__).resolve().parents[2] / "firmware_configs" / "mosquitto" / "mosquitto.conf"
     #: production lines that name files of the deployment, or its listeners
     _LOCAL = ("persistence_location", "password_file", "acl_file", "cafile", "certfile", "keyfile", "listener",
               "allow_anonymous", "autosave_interval")
@@ -162,7 +183,7 @@ class InfluxDB1(LocalServer):
 
     def __init__(self, workdir: Path | str, port: int | None = None, database: str = "kwwk") -> None:
         super().__init__(workdir, port)
-        self.rpc_port = free_port()
+        self.rpc_port = 0  # the backup/restore RPC service: bound to port 0, nobody connects to it
         self.database = database
 
     @property
@@ -192,6 +213,16 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 
     def ready(self) -> bool:
         return _http_ok(f"{self.url}/ping")
+
+    def _learn_ports(self) -> bool:
+        """influxd listens twice (HTTP and RPC) once started: HTTP is the one that answers /ping."""
+        assert self.proc is not None
+        ports = listening_ports(self.proc.pid)
+        http = [p for p in sorted(ports) if len(ports) >= 2 and _http_ok(f"http://127.0.0.1:{p}/ping")]
+        if not http:
+            return False
+        self.port = http[0]
+        return True
 
     def start(self, timeout: float = 30.0) -> InfluxDB1:
         super().start(timeout)
