@@ -1,16 +1,21 @@
-"""Shared fixtures: real Mosquitto and InfluxDB on free loopback ports, cell configs with free ports."""
+"""Shared fixtures: real Mosquitto and InfluxDB on loopback ports nobody else gets, and the simulator on
+ports the system picks, with the gateway's cell config written from the ports it reports."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kwwk.dev.localservers import InfluxDB1, Mosquitto, VictoriaMetrics, free_port
+from edge.cell import load_cell
+from edge.sim import SimulatorServer
+from edge.sim.ports import reserve_port
+from kwwk.dev.localservers import InfluxDB1, Mosquitto, VictoriaMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ROOT / "firmware_configs" / "cells"
@@ -34,21 +39,54 @@ def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
         yield server
 
 
-def with_free_ports(src: Path, dst_dir: Path) -> Path:
-    """Copy a cell config, giving every Modbus TCP endpoint a free port (same endpoint, same new port)."""
-    text = src.read_text()
-    mapping: dict[str, int] = {}
+_PORT = re.compile(r"(port:\s*)(\d{4,5})")
+
+
+def _with_ports(src: Path, dst_dir: Path, new_port: Callable[[int], int]) -> Path:
+    """Copy a cell config to dst_dir, each endpoint's port replaced by new_port(old) (same old, same new)."""
+    mapping: dict[int, int] = {}
 
     def repl(m: re.Match[str]) -> str:
-        old = m.group(2)
-        mapping.setdefault(old, free_port())
+        old = int(m.group(2))
+        if old not in mapping:
+            mapping[old] = new_port(old)
         return f"{m.group(1)}{mapping[old]}"
 
-    text = re.sub(r"(port:\s*)(\d{4,5})", repl, text)
     dst_dir.mkdir(parents=True, exist_ok=True)
     dst = dst_dir / src.name
-    dst.write_text(text)
+    dst.write_text(_PORT.sub(repl, src.read_text()))
     return dst
+
+
+def with_free_ports(src: Path, dst_dir: Path) -> Path:
+    """Copy a cell config, giving every Modbus TCP endpoint a port reserved for this test process
+    (edge.sim.ports.reserve_port: not picked by bind-and-close, so two endpoints never share one).
+    For a config the simulator serves, prefer `start_simulator`: it serves port 0 and reports."""
+    return _with_ports(src, dst_dir, lambda _old: reserve_port())
+
+
+def served_cell(src: Path, dst_dir: Path, sim: SimulatorServer) -> Path:
+    """Copy a cell config, each endpoint's configured port replaced by the port the simulator serves it on."""
+    by_port: dict[int, set[int]] = {}
+    for (_host, configured), served in sim.ports.items():
+        by_port.setdefault(configured, set()).add(served)
+
+    def served(old: int) -> int:
+        ports = by_port.get(old, set())
+        if len(ports) != 1:
+            msg = f"{src}: port {old} is served on {sorted(ports) or 'no port'}; want exactly one"
+            raise LookupError(msg)
+        return ports.pop()
+
+    return _with_ports(src, dst_dir, served)
+
+
+async def start_simulator(src: Path, dst_dir: Path, **kwargs: Any) -> tuple[SimulatorServer, Path]:
+    """Serve a cell config's devices on ports the system picks (port 0); return the running simulator and
+    the gateway's copy of the config naming those ports. The caller stops the simulator."""
+    sim = SimulatorServer([load_cell(src)], any_port=True, **kwargs)
+    await sim.start()
+    return sim, served_cell(src, dst_dir, sim)
 
 
 @pytest.fixture

@@ -2,6 +2,10 @@
 
 Reads see the registers of the moment; writes pin the written points, so a test (or a curious
 technician) can change what a device reports with an ordinary Modbus client.
+
+With any_port=True every endpoint is served on a port the system picks (port 0) instead of its
+configured one, and `ports` tells which: tests then write the gateway's cell config with those ports
+(tests/conftest.py `served_cell`), so no port is ever guessed free.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class SimulatorServer:
     """Runs the physics and the Modbus servers of one or more cells."""
 
     def __init__(self, cells: Iterable[CellConfig], clock: SimClock | None = None, step: float = 0.5,
-                 host_override: str | None = None, sites: dict[str, Site] | None = None) -> None:
+                 host_override: str | None = None, sites: dict[str, Site] | None = None,
+                 any_port: bool = False) -> None:
         self.clock = clock or SimClock()
         self.step = step
         self.sites: dict[str, Site] = {}
@@ -51,6 +56,9 @@ class SimulatorServer:
         self.faults: dict[tuple[str, str], Literal["exception", "timeout"]] = {}
         self._task: asyncio.Task[None] | None = None
         self._host_override = host_override
+        self._any_port = any_port
+        #: configured (host, port) -> the port it is served on, once served (kept when taken offline)
+        self._served: dict[tuple[str, int], int] = {}
         for cfg in cells:
             # a site handed in (e.g. after a simulated history) carries on from its state
             site = (sites or {}).get(cfg.cell.id) or Site(cfg, self.clock.now())
@@ -71,7 +79,14 @@ class SimulatorServer:
 
     @property
     def endpoints(self) -> list[tuple[str, int, list[str]]]:
-        return [(h, p, [u.device.id for _, u in units]) for (h, p), units in sorted(self._endpoints.items())]
+        """(host, served port, device ids) per endpoint."""
+        return [(h, self._served.get((h, p), p), [u.device.id for _, u in units])
+                for (h, p), units in sorted(self._endpoints.items())]
+
+    @property
+    def ports(self) -> dict[tuple[str, int], int]:
+        """Configured (host, port) -> the port that endpoint is served on (after start)."""
+        return dict(self._served)
 
     def refresh(self) -> None:
         """Advance every site to the clock's now and re-encode every device's registers."""
@@ -158,9 +173,14 @@ class SimulatorServer:
 
     async def _serve(self, endpoint: tuple[str, int]) -> None:
         host, port = endpoint
+        # back online after set_offline: the port it had. Another process' bind(0) could have taken it in
+        # between; pymodbus listens with SO_REUSEADDR, so only a listener there stops it, and that is rare
+        # enough to leave to the error pymodbus raises.
+        port = self._served.get(endpoint, 0 if self._any_port else port)
         devices = [self._simdevice(cell_id, u) for cell_id, u in self._endpoints[endpoint]]
         server = ModbusTcpServer(devices, address=(self._host_override or host, port))
         await server.serve_forever(background=True)
+        self._served[endpoint] = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self._servers[endpoint] = server
 
     async def start(self) -> None:
