@@ -1,4 +1,5 @@
-"""Test helpers that talk to the real servers: an MQTT recorder, waiting, InfluxDB row reads."""
+"""Test helpers that talk to the real servers: an MQTT recorder, waiting on a condition, InfluxDB row reads,
+an ASGI app served over real HTTP."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 import pytest
+import uvicorn
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -74,7 +76,23 @@ class RecordingGateway(GatewayService):
         super()._store(readings)
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Call predicate until it returns something truthy and return that; fail naming `what` after timeout s.
+
+    For plain (non-async) tests; async tests use `wait_for`, which lets the event loop run meanwhile."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
 async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Await predicate (plain or async) until truthy and return that; fail naming `what` after timeout s."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -95,3 +113,30 @@ def rows(influx: InfluxDB1, measurement: str, where: str = "") -> list[dict[str,
     for s in series:
         out.extend(dict(zip(s["columns"], v, strict=True)) for v in s["values"])
     return out
+
+
+class LiveServer:
+    """An ASGI app under uvicorn in a thread of its own, on a port the system picks (port 0) and reports."""
+
+    def __init__(self, app: object) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None,  # type: ignore[arg-type]
+                                                    log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, name="live-app", daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), 15, "uvicorn to start")
+        if not self.server.started:
+            msg = "the app's server thread died while starting"
+            raise RuntimeError(msg)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Self
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
 from collector.api.app import ApiSettings, create_app
@@ -35,8 +32,9 @@ from collector.registry import Registry
 from collector.storage import InfluxSettings, V1Writer
 from edge.cell import CellConfig
 from edge.sim.site import Site
-from kwwk.dev.localservers import InfluxDB1, Mosquitto, free_port
+from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import CELLS
+from tests.helpers import LiveServer
 
 pytestmark = pytest.mark.integration
 
@@ -150,33 +148,6 @@ def build(tmp: Path) -> ApiData:
     tokens = tmp / "api-tokens"
     token = issue_token(tokens, "tests")
     return ApiData(influx, mosquitto, cells, tokens, token, _consumer_values())
-
-
-class LiveServer:
-    """The app under uvicorn on a free loopback port, in a thread of its own."""
-
-    def __init__(self, app: object) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,  # type: ignore[arg-type]
-                                                    log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, name="live-api", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the API did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 # built once per session however many modules import the fixtures (each import is a fixture of its own)

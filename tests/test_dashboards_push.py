@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from typer.testing import CliRunner
 
 from dashboards.cli import app
 from dashboards.folders import FOLDERS, JSON_DIR, load_dir
-from kwwk.dev.localservers import free_port
+from edge.sim.ports import reserve_port
+from tests.helpers import LiveServer
 
 TOKEN = "glsa_test_token"
 
@@ -130,17 +128,8 @@ class FakeGrafana:
 @pytest.fixture
 def grafana() -> Iterator[tuple[FakeGrafana, str]]:
     fake = FakeGrafana()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield fake, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    with LiveServer(fake.app) as server:
+        yield fake, server.url
 
 
 def push(url: str, *args: str, token: str = TOKEN) -> Any:
@@ -221,6 +210,6 @@ def test_refused_token_and_missing_token(grafana: tuple[FakeGrafana, str]) -> No
 def test_token_file_and_unreachable_grafana(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    result = CliRunner().invoke(app, ["push", "--url", f"http://127.0.0.1:{free_port()}", "--token-file", str(token)],
+    result = CliRunner().invoke(app, ["push", "--url", f"http://127.0.0.1:{reserve_port()}", "--token-file", str(token)],
                                 env={"KWWK_GRAFANA_TOKEN": ""})
     assert result.exit_code == 2 and "cannot reach Grafana" in result.output

@@ -16,11 +16,10 @@ from collector.registry import Registry
 from collector.service import run_collector
 from collector.storage import InfluxSettings
 from edge.cell import load_cell
-from edge.sim import SimulatorServer
 from gateway.service import GatewayService
 from gateway.uplink import BrokerSettings
 from kwwk.dev.localservers import InfluxDB1, Mosquitto
-from tests.conftest import ROOT, with_free_ports
+from tests.conftest import ROOT, start_simulator
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -28,9 +27,8 @@ pytestmark = pytest.mark.integration
 
 async def test_register_change_reaches_influxdb(tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
     """A value changed on a simulated meter is decoded, published, stored, and found by InfluxQL."""
-    cfg = load_cell(with_free_ports(ROOT / "tests/data/tinycell.yaml", tmp_path / "cells"))
-    sim = SimulatorServer([cfg])
-    await sim.start()
+    sim, cell = await start_simulator(ROOT / "tests/data/tinycell.yaml", tmp_path / "cells")
+    cfg = load_cell(cell)
     stop = asyncio.Event()
     gw = GatewayService(cfg, "gw-tiny", BrokerSettings(port=mosquitto.port), tmp_path / "outbox.sqlite")
     influx = InfluxSettings(url=influxdb.url, database=influxdb.database)
@@ -62,9 +60,8 @@ async def test_register_change_reaches_influxdb(tmp_path: Path, mosquitto: Mosqu
 
 async def test_api_latest_matches_simulator(tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
     """/api/cells/<cell>/latest serves, for every point, what the simulator serves."""
-    cfg = load_cell(with_free_ports(ROOT / "tests/data/tinycell.yaml", tmp_path / "cells"))
-    sim = SimulatorServer([cfg])
-    await sim.start()
+    sim, cell = await start_simulator(ROOT / "tests/data/tinycell.yaml", tmp_path / "cells")
+    cfg = load_cell(cell)
     sim.pin("tinycell", "grid", "voltage_l1", 233.25)
     stop = asyncio.Event()
     registry = Registry({cfg.cell.id: cfg})
