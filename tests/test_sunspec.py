@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 import string
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -661,12 +660,6 @@ async def test_simulated_device_is_a_discoverable_sunspec_device(profile_id: str
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _simdata(image: Mapping[int, int]) -> list[Any]:
     """One SimData per contiguous run of the image; unmapped addresses answer exception 2."""
     from pymodbus.simulator import DataType, SimData
@@ -682,15 +675,14 @@ def _simdata(image: Mapping[int, int]) -> list[Any]:
 
 @contextlib.asynccontextmanager
 async def serve(image: Mapping[int, int]) -> AsyncIterator[int]:
-    """A pymodbus TCP server (SimDevice, unit 1) serving the image on a free loopback port."""
+    """A pymodbus TCP server (SimDevice, unit 1) serving the image on a port the system picks (port 0)."""
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import SimDevice
 
-    port = _free_port()
-    server = ModbusTcpServer(SimDevice(id=1, simdata=_simdata(image)), address=("127.0.0.1", port))
+    server = ModbusTcpServer(SimDevice(id=1, simdata=_simdata(image)), address=("127.0.0.1", 0))
     await server.serve_forever(background=True)
     try:
-        yield port
+        yield server.transport.sockets[0].getsockname()[1]
     finally:
         await server.shutdown()
 
