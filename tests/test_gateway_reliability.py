@@ -21,8 +21,9 @@ from collector.storage import InfluxSettings
 from edge.cell import CellConfig, load_cell
 from edge.sim import SimulatorServer
 from gateway.uplink import BrokerSettings
-from kwwk.dev.localservers import InfluxDB1, Mosquitto, free_port
-from tests.conftest import ROOT, with_free_ports
+from edge.sim.ports import reserve_port
+from kwwk.dev.localservers import InfluxDB1, Mosquitto
+from tests.conftest import ROOT, start_simulator
 from tests.helpers import Recorder, RecordingGateway, rows, wait_for, wire_readings
 
 pytestmark = pytest.mark.integration
@@ -30,8 +31,10 @@ pytestmark = pytest.mark.integration
 OUTAGE_S = 60
 
 
-def _cell(tmp_path: Path, name: str = "twocell.yaml") -> CellConfig:
-    return load_cell(with_free_ports(ROOT / "tests/data" / name, tmp_path / "cells"))
+async def _simulated(tmp_path: Path, name: str = "twocell.yaml") -> tuple[SimulatorServer, CellConfig]:
+    """The simulator serving a test cell on ports of its own, and the gateway's config naming them."""
+    sim, cell = await start_simulator(ROOT / "tests/data" / name, tmp_path / "cells")
+    return sim, load_cell(cell)
 
 
 def _stored(influx: InfluxDB1, cfg: CellConfig) -> dict[tuple[str, str, int], float]:
@@ -55,9 +58,7 @@ def _row_count(influx: InfluxDB1, cfg: CellConfig, before_ms: float) -> int:
 async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
     """Stop the broker for 60 s while the gateway polls: afterwards every reading is stored exactly once,
     with its original timestamp, and the backlog arrived in order."""
-    cfg = _cell(tmp_path)
-    sim = SimulatorServer([cfg])
-    await sim.start()
+    sim, cfg = await _simulated(tmp_path)
     recorder = Recorder(mosquitto.port)
     stop = asyncio.Event()
     gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=mosquitto.port, reconnect_max_s=3), tmp_path / "ob.sqlite")
@@ -117,7 +118,7 @@ def _gateway_proc(cell: Path, mqtt_port: int, outbox: Path, log: Path) -> subpro
     kwwk = Path(sys.executable).parent / "kwwk"
     return subprocess.Popen(  # noqa: S603
         [str(kwwk), "gateway", "run", "--cell", str(cell), "--gateway", "gw-two", "--mqtt-port", str(mqtt_port),
-         "--outbox", str(outbox), "--health-port", str(free_port())],
+         "--outbox", str(outbox), "--health-port", "0"],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "KWWK_LOG_LEVEL": "INFO"})
 
 
@@ -131,10 +132,8 @@ def _outbox_rows(path: Path) -> dict[tuple[str, str, int], float]:
 
 async def test_sigkill_then_restart_delivers_the_outbox_and_continues_the_sequence(
         tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
-    cfg_path = with_free_ports(ROOT / "tests/data/twocell.yaml", tmp_path / "cells")
+    sim, cfg_path = await start_simulator(ROOT / "tests/data/twocell.yaml", tmp_path / "cells")
     cfg = load_cell(cfg_path)
-    sim = SimulatorServer([cfg])
-    await sim.start()
     recorder = Recorder(mosquitto.port)
     stop = asyncio.Event()
     collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2,
@@ -196,12 +195,10 @@ async def test_full_outbox_applies_its_policy_and_counts_it(tmp_path: Path, poli
         "    poll_interval: 1\n", f"    poll_interval: 0.2\n    outbox: {{max_readings: 200, overflow: {policy}}}\n")
     (tmp_path / "src").mkdir()
     (tmp_path / "src/twocell.yaml").write_text(text)
-    cfg = load_cell(with_free_ports(tmp_path / "src/twocell.yaml", tmp_path / "cells"))
-    sim = SimulatorServer([cfg])
-    await sim.start()
+    sim, cell = await start_simulator(tmp_path / "src/twocell.yaml", tmp_path / "cells")
+    cfg = load_cell(cell)
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=free_port()), tmp_path / "ob.sqlite",
-                          health_port=free_port())
+    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=reserve_port()), tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
     try:
         await wait_for(lambda: len(gw.produced) > 600, 20, "more readings than the outbox holds")
@@ -230,12 +227,9 @@ async def test_failing_devices_are_reported_and_retried_while_others_keep_their_
         tmp_path: Path, mosquitto: Mosquitto) -> None:
     """One device never answers, one answers with Modbus exceptions, one drops its connection: each is
     reported (metrics, /healthz) and retried until it recovers, and the healthy one is polled on time."""
-    cfg = _cell(tmp_path, "faultcell.yaml")
-    sim = SimulatorServer([cfg])
-    await sim.start()
+    sim, cfg = await _simulated(tmp_path, "faultcell.yaml")
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-fault", BrokerSettings(port=mosquitto.port), tmp_path / "ob.sqlite",
-                          health_port=free_port())
+    gw = RecordingGateway(cfg, "gw-fault", BrokerSettings(port=mosquitto.port), tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
     faulty = ("silent", "refusing", "dropping")
     try:
@@ -277,9 +271,7 @@ async def test_systemd_readiness_and_watchdog(tmp_path: Path, mosquitto: Mosquit
     """Under systemd (Type=notify, WatchdogSec) the gateway reports READY=1 and pets the watchdog."""
     import socket
 
-    cfg_path = with_free_ports(ROOT / "tests/data/twocell.yaml", tmp_path / "cells")
-    sim = SimulatorServer([load_cell(cfg_path)])
-    await sim.start()
+    sim, cfg_path = await start_simulator(ROOT / "tests/data/twocell.yaml", tmp_path / "cells")
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
@@ -287,7 +279,7 @@ async def test_systemd_readiness_and_watchdog(tmp_path: Path, mosquitto: Mosquit
     kwwk = Path(sys.executable).parent / "kwwk"
     proc = subprocess.Popen(  # noqa: S603
         [str(kwwk), "gateway", "run", "--cell", str(cfg_path), "--gateway", "gw-two", "--mqtt-port",
-         str(mosquitto.port), "--outbox", str(tmp_path / "ob.sqlite"), "--health-port", str(free_port())],
+         str(mosquitto.port), "--outbox", str(tmp_path / "ob.sqlite"), "--health-port", "0"],
         env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     got: list[str] = []
@@ -312,18 +304,16 @@ async def test_a_publish_the_broker_refuses_is_kept_and_reported(tmp_path: Path)
     """An ACL that denies the gateway its telemetry topic: the broker answers PUBACK 0x87. Nothing may be taken
     for delivered: the readings stay in the outbox, the refusal is counted and shown in /healthz, and once the
     ACL is fixed everything goes out."""
-    cfg = _cell(tmp_path)
     acl = tmp_path / "acl"
     acl.write_text("user gw-two\ntopic readwrite kwwk/v1/twocell/gw-two/status\ntopic read kwwk/v1/twocell/gw-two/resend\n"
                    "user recorder\ntopic read kwwk/v1/#\n")
     broker = Mosquitto(tmp_path / "mosquitto", extra=f"acl_file {acl}")
     broker.start()
-    sim = SimulatorServer([cfg])
-    await sim.start()
+    sim, cfg = await _simulated(tmp_path)
     recorder = Recorder(broker.port, client_id="recorder", username="recorder")  # persistent session: it hears what comes after a restart
     stop = asyncio.Event()
     gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=broker.port, username="gw-two", reconnect_max_s=1),
-                          tmp_path / "ob.sqlite", health_port=free_port())
+                          tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
     try:
         await wait_for(lambda: gw.uplink.last_refusal, 15, "the refusal to be noticed")
