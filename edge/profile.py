@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,7 +20,7 @@ from edge.quantities import QUANTITIES
 from edge.yamlio import ConfigError, LineMap, line_of, load_yaml, validate
 
 __all__ = [
-    "PROFILE_DIR", "DataType", "GoldenVector", "Point", "Profile", "RegisterType",
+    "PROFILE_DIR", "DataType", "Decoded", "GoldenVector", "Point", "Profile", "RegisterType",
     "golden_check", "load_profile", "profile_ids", "get_profile", "wire_address",
 ]
 
@@ -170,6 +171,17 @@ class IdentRule(_Strict):
     one_of: list[float | str] | None = None
 
 
+@dataclass
+class Decoded:
+    """What a register image says about some points: their values, and why the others have none."""
+
+    raw: dict[str, int | float | str | None] = field(default_factory=dict)  # before scaling
+    values: dict[str, float | str | None] = field(default_factory=dict)  # in the point's unit; None: not implemented
+    missing: list[str] = field(default_factory=list)  # points whose registers are not (all) in the image
+    undecodable: dict[str, str] = field(default_factory=dict)  # point -> why its words do not decode
+    unscaled: dict[str, str] = field(default_factory=dict)  # point -> its scale-factor point, which has no value
+
+
 class Profile(_Strict):
     id: Name
     manufacturer: str
@@ -222,26 +234,40 @@ class Profile(_Strict):
             return None
         return value
 
-    def decode(self, image: dict[str, dict[int, int]]) -> dict[str, float | str | None]:
-        """Decode every point from a register image {table: {wire address: word}}.
+    def decode_points(self, image: dict[str, dict[int, int]], points: Iterable[Point] | None = None) -> Decoded:
+        """Decode points (all by default) from a register image {table: {wire address: word}}.
 
-        Raises KeyError naming the point when a register it needs is missing.
+        The one decoding step of every read (DeviceReader, commissioning, golden vectors): a point
+        gets a value only when all its registers are in the image, they decode, and its scale factor
+        (if it has one) has a value too; otherwise it is listed with the reason, never guessed.
         """
-        raw: dict[str, int | float | str | None] = {}
-        for p in self.points:
+        pts = list(self.points if points is None else points)
+        out = Decoded()
+        for p in pts:
             base = self.wire(p)
             table = image.get(p.table, {})
             try:
                 words = [table[base + i] for i in range(p.registers)]
             except KeyError:
+                out.missing.append(p.name)
                 continue
-            raw[p.name] = self.decode_raw(p, words)
-        out: dict[str, float | str | None] = {}
-        for p in self.points:
-            if p.name not in raw:
+            try:
+                out.raw[p.name] = self.decode_raw(p, words)
+            except (ValueError, TypeError) as err:
+                out.undecodable[p.name] = f"{p.name}: cannot decode {words}: {err}"
+        for p in pts:
+            if p.name not in out.raw:
                 continue
-            out[p.name] = self.engineering(p, raw[p.name], raw)
+            if p.scale_register and p.scale_register not in out.raw:
+                # without its scale factor the value would be silently wrong by powers of ten
+                out.unscaled[p.name] = p.scale_register
+                continue
+            out.values[p.name] = self.engineering(p, out.raw[p.name], out.raw)
         return out
+
+    def decode(self, image: dict[str, dict[int, int]]) -> dict[str, float | str | None]:
+        """The values of every point that decode_points can decode from the image."""
+        return self.decode_points(image).values
 
     def engineering(self, p: Point, value: int | float | str | None,
                     raw: dict[str, int | float | str | None]) -> float | str | None:
@@ -378,10 +404,14 @@ def golden_check(profile: Profile) -> list[str]:
                 wire = wire_address(addr, table, profile.addressing)
                 for k, w in enumerate(words):
                     t[wire + k] = w
-        values = profile.decode(image)
+        decoded = profile.decode_points(image)
+        values = decoded.values
         for name, want in g.expect.items():
             if name not in values:
-                failures.append(f"{profile.id} golden {g.name!r}: {name}: registers missing from the vector")
+                why = decoded.undecodable.get(name) or (
+                    f"its scale factor {decoded.unscaled[name]} is missing" if name in decoded.unscaled
+                    else "registers missing from the vector")
+                failures.append(f"{profile.id} golden {g.name!r}: {name}: {why}")
                 continue
             got = values[name]
             if isinstance(want, float | int) and isinstance(got, float | int):

@@ -1,4 +1,8 @@
-"""Read a whole device through its profile with the fewest requests.
+"""Read a whole device through its profile with the fewest requests: the one read path of the gateway's
+poller and of every commissioning command (scan, probe, verify).
+
+The planner (edge/planner.py) groups the points into requests, the line's arbiter sends them, and the
+profile decodes the words (Profile.decode_points).
 
 A device that rejects a merged request (exception 2, 3 or 4: it lacks a register in a gap, or will
 not give that many at once) gets the request cut in two, at its widest gap (or in the middle when
@@ -32,18 +36,32 @@ class ReadResult:
     errors: dict[str, DeviceError] = field(default_factory=dict)  # point name -> why it is missing
     requests: int = 0  # requests sent on the wire for this read
     rejected: int = 0  # merged requests the device refused (each was split)
+    words: dict[str, dict[int, int]] = field(default_factory=dict)  # what was read, {table: {wire address: word}}
+    raw: dict[str, int | float | str | None] = field(default_factory=dict)  # decoded values before scaling
+    silent: DeviceError | None = None  # set when the device (or its line) stopped answering during the read
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def point_words(self, profile: Profile, p: Point) -> list[int] | None:
+        """The point's own words as read, or None when they were not all read."""
+        table = self.words.get(p.table, {})
+        base = profile.wire(p)
+        try:
+            return [table[base + i] for i in range(p.registers)]
+        except KeyError:
+            return None
 
 
 class DeviceReader:
     """Reads a device's points; when the device rejects a merged request it splits and remembers."""
 
     def __init__(self, line: ModbusLine, profile: Profile, unit_id: int, *, max_registers: int | None = None,
-                 max_gap: int | None = None) -> None:
+                 max_gap: int | None = None, ignore_backoff: bool = False) -> None:
         self.line = line
+        #: send every request even while the device backs off (commissioning: someone is waiting for the answer)
+        self.ignore_backoff = ignore_backoff
         self.profile = profile
         self.unit_id = unit_id
         self.max_registers = max_registers
@@ -92,47 +110,32 @@ class DeviceReader:
         return self.profile.with_scale_factors(wanted)
 
     async def read(self, points: Iterable[Point | str] | None = None) -> ReadResult:
-        """Read the points (all by default; Point objects or names) and decode them."""
+        """Read the points (all by default; Point objects or names) and decode them through the profile."""
         wanted = self._wanted(points)
         result = ReadResult()
-        words: dict[str, dict[int, int]] = {}
-        fatal: DeviceError | None = None
         for req in self.plan_for(wanted):
-            fatal = await self._fetch(req, words, result)
-            if fatal is not None:
+            result.silent = await self._fetch(req, result)
+            if result.silent is not None:
                 break
-        raw: dict[str, int | float | str | None] = {}
-        for p in wanted:
-            if p.name in result.errors:
-                continue
-            base = self.profile.wire(p)
-            table = words.get(p.table, {})
-            try:
-                regs = [table[base + i] for i in range(p.registers)]
-            except KeyError:
-                result.errors[p.name] = fatal or DeviceError(f"{p.name}: registers not read")
-                continue
-            try:
-                raw[p.name] = self.profile.decode_raw(p, regs)
-            except (ValueError, TypeError) as err:
-                result.errors[p.name] = DeviceError(f"{p.name}: cannot decode {regs}: {err}")
-        for p in wanted:
-            if p.name not in raw:
-                continue
-            if p.scale_register and p.scale_register in result.errors:
-                # without its scale factor the value would be silently wrong by powers of ten
-                result.errors[p.name] = result.errors[p.scale_register]
-                continue
-            result.values[p.name] = self.profile.engineering(p, raw[p.name], raw)
+        decoded = self.profile.decode_points(result.words, [p for p in wanted if p.name not in result.errors])
+        for name in decoded.missing:
+            result.errors[name] = result.silent or DeviceError(f"{name}: registers not read")
+        for name, why in decoded.undecodable.items():
+            result.errors[name] = DeviceError(why)
+        for name, sf in decoded.unscaled.items():
+            result.errors[name] = result.errors[sf]
+        result.raw.update(decoded.raw)
+        result.values.update(decoded.values)
         return result
 
-    async def _fetch(self, req: Request, words: dict[str, dict[int, int]], result: ReadResult) -> DeviceError | None:
+    async def _fetch(self, req: Request, result: ReadResult) -> DeviceError | None:
         """Read one request, bisecting it when the device rejects it.
 
         Returns the error that ends the whole read (device silent, line down), else None.
         """
         try:
-            regs = await self.line.read(self.unit_id, req.table, req.address, req.count)
+            regs = await self.line.read(self.unit_id, req.table, req.address, req.count,
+                                        ignore_backoff=self.ignore_backoff)
         except (ReadTimeout, LineDown) as err:  # the device or the line is silent: stop here
             result.requests += int(err.sent)
             return err
@@ -143,7 +146,7 @@ class DeviceReader:
                 left, right = self._halves(req)
                 before = self._successes
                 for half in (left, right):
-                    fatal = await self._fetch(half, words, result)
+                    fatal = await self._fetch(half, result)
                     if fatal is not None:
                         return fatal
                 if err.code != 4 or self._successes > before:
@@ -160,7 +163,7 @@ class DeviceReader:
             return None
         result.requests += 1
         self._successes += 1
-        table = words.setdefault(req.table, {})
+        table = result.words.setdefault(req.table, {})
         for i, w in enumerate(regs):
             table[req.address + i] = w
         return None

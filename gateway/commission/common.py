@@ -1,20 +1,19 @@
-"""What every commissioning command shares: eager reads through a line's arbiter, a snapshot of a
-device's registers, the plausibility of a value, and the pass/warn/fail vocabulary of the reports."""
+"""What every commissioning command shares: eager reads through a line's arbiter (and the gateway's
+DeviceReader over them), the plausibility of a value, and the pass/warn/fail vocabulary of the reports."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
-from edge.modbus import DeviceError, LineDown, ModbusExceptionReply, ModbusLine, ReadTimeout
-from edge.planner import plan
+from edge.modbus import DeviceReader, ModbusLine
 from edge.profile import Point, Profile
 
 __all__ = [
-    "TINY_FLOAT", "EagerLine", "Finding", "Snapshot", "Status", "decode_point", "identify", "judge",
-    "read_snapshot", "worst",
+    "TINY_FLOAT", "EagerLine", "Finding", "Status", "decode_point", "eager_reader", "fmt_number", "fmt_value",
+    "identify", "judge", "worst",
 ]
 
 Status = Literal["pass", "warn", "fail", "skip"]
@@ -57,90 +56,31 @@ class EagerLine:
         return await self.line.read(unit_id, table, address, count, ignore_backoff=True)
 
 
-@dataclass
-class Snapshot:
-    """A device's registers and what they decode to, as read once."""
-
-    words: dict[str, dict[int, int]] = field(default_factory=dict)  # {table: {wire address: word}}
-    raw: dict[str, int | float | str | None] = field(default_factory=dict)  # before scaling
-    values: dict[str, float | str | None] = field(default_factory=dict)  # engineering values
-    errors: dict[str, DeviceError] = field(default_factory=dict)
-    requests: int = 0
-    silent: DeviceError | None = None  # the device (or line) did not answer at all
-    #: set when an extra (diagnostic) read went unanswered: send no more, each would cost a timeout
-    stop_extra_reads: bool = False
-
-    def point_words(self, profile: Profile, p: Point) -> list[int] | None:
-        table = self.words.get(p.table, {})
-        base = profile.wire(p)
-        try:
-            return [table[base + i] for i in range(p.registers)]
-        except KeyError:
-            return None
+def eager_reader(line: ModbusLine | EagerLine, profile: Profile, unit_id: int) -> DeviceReader:
+    """The gateway's DeviceReader for a commissioning command: the same plan, the same split of a rejected
+    merged request (and the breaks it learns), the same decoding; only every read is sent, even while the
+    device backs off."""
+    base = line.line if isinstance(line, EagerLine) else line
+    return DeviceReader(base, profile, unit_id, ignore_backoff=True)
 
 
-async def read_snapshot(line: ModbusLine | EagerLine, profile: Profile, unit_id: int,
-                        points: Sequence[Point] | None = None) -> Snapshot:
-    """Read points (all by default, plus the scale factors they need) with the fewest requests.
+def fmt_number(v: float) -> str:
+    """A reading as people read it: whole numbers without a point, six significant digits, very small
+    and very large ones in exponent form."""
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e9):
+        return f"{v:.4g}"
+    return f"{v:.6g}"
 
-    A merged request the device refuses is read point by point; a device that does not answer ends
-    the read at once (the remaining points carry that error).
-    """
-    eager = line if isinstance(line, EagerLine) else EagerLine(line)
-    wanted = profile.with_scale_factors(points if points is not None else profile.points)
-    snap = Snapshot()
 
-    async def fetch(table: str, address: int, count: int, names: Sequence[str]) -> bool:
-        """Read one request into snap; False when the device is silent (stop reading)."""
-        try:
-            words = await eager.read(unit_id, table, address, count)
-        except (ReadTimeout, LineDown) as err:
-            snap.requests += int(err.sent)
-            snap.silent = err
-            return False
-        except ModbusExceptionReply as err:
-            snap.requests += 1
-            if len(names) > 1:
-                for name in names:
-                    p = profile.by_name[name]
-                    if not await fetch(p.table, profile.wire(p), p.registers, [name]):
-                        return False
-                return True
-            snap.errors[names[0]] = err
-            return True
-        except DeviceError as err:
-            snap.requests += 1
-            for name in names:
-                snap.errors[name] = err
-            return True
-        snap.requests += 1
-        t = snap.words.setdefault(table, {})
-        for i, w in enumerate(words):
-            t[address + i] = w
-        return True
-
-    for req in plan(profile, wanted):
-        if not await fetch(req.table, req.address, req.count, req.points):
-            break
-    for p in wanted:
-        if p.name in snap.errors:
-            continue
-        words = snap.point_words(profile, p)
-        if words is None:
-            snap.errors[p.name] = snap.silent or DeviceError(f"{p.name}: registers not read")
-            continue
-        try:
-            snap.raw[p.name] = profile.decode_raw(p, words)
-        except (ValueError, TypeError) as err:
-            snap.errors[p.name] = DeviceError(f"{p.name}: cannot decode {words}: {err}")
-    for p in wanted:
-        if p.name not in snap.raw:
-            continue
-        if p.scale_register and p.scale_register in snap.errors:
-            snap.errors[p.name] = snap.errors[p.scale_register]
-            continue
-        snap.values[p.name] = profile.engineering(p, snap.raw[p.name], snap.raw)
-    return snap
+def fmt_value(v: float | str | None) -> str:
+    """A value in a finding or a hint: n/a when there is none, text quoted."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return repr(v)
+    return fmt_number(v)
 
 
 def decode_point(profile: Profile, p: Point, words: list[int], raw: dict[str, int | float | str | None], *,

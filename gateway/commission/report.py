@@ -11,6 +11,7 @@ import html
 import re
 from pathlib import Path
 
+from gateway.commission.common import fmt_number
 from gateway.commission.probe import DeviceProbe, PointCheck
 from gateway.commission.verify import VerifyReport
 
@@ -22,13 +23,7 @@ _MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "SKIP"}
 def _value(v: float | str | None) -> str:
     if v is None:
         return "—"
-    if isinstance(v, str):
-        return v
-    if float(v).is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e9):
-        return f"{v:.4g}"
-    return f"{v:.6g}"
+    return v if isinstance(v, str) else fmt_number(v)
 
 
 def _range(c: PointCheck) -> str:

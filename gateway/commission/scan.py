@@ -32,7 +32,7 @@ from typing import Literal, Protocol
 from edge.modbus import DeviceError, LineDown, LineSpec, ModbusExceptionReply, ModbusLine, ReadTimeout
 from edge.profile import Profile, get_profile, profile_ids
 from edge.sunspec import ModelRef, SunSpecNotFound, discover, line_reader, read_devices
-from gateway.commission.common import EagerLine, identify, judge, read_snapshot
+from gateway.commission.common import EagerLine, eager_reader, identify, judge
 
 __all__ = [
     "COMMON_BAUDRATES", "COMMON_PARITIES", "QUICK_UNITS", "Found", "ScanProgress", "ScanResult", "parse_units",
@@ -166,7 +166,7 @@ async def identify_unit(line: ModbusLine | EagerLine, unit_id: int, answer: str,
     for profile in with_rules:
         if any(r.point.startswith("suns") for r in profile.identification) and not found.sunspec:
             continue  # a SunSpec fixed layout cannot match a device without the marker
-        snap = await read_snapshot(eager, profile, unit_id, [profile.by_name[r.point] for r in profile.identification])
+        snap = await eager_reader(eager, profile, unit_id).read(r.point for r in profile.identification)
         ok, seen = identify(profile, snap.values)
         if ok:
             matches.append((len(profile.identification), profile, seen))
@@ -210,7 +210,7 @@ async def guess_profiles(line: ModbusLine | EagerLine, unit_id: int, profiles: I
         pts = [p for p in profile.points if p.range is not None and p.numeric and p.table in ("holding", "input")]
         if len(pts) < 3:
             continue
-        snap = await read_snapshot(line, profile, unit_id, pts)
+        snap = await eager_reader(line, profile, unit_id).read(pts)
         if snap.silent is not None or snap.errors:
             continue
         verdicts = [judge(p, snap.values.get(p.name)) for p in pts]
