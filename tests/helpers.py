@@ -76,8 +76,10 @@ class RecordingGateway(GatewayService):
         super()._store(readings)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Call predicate until it returns something truthy and return that; fail naming `what` after timeout s.
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],
+               interval: float = 0.05) -> Any:
+    """Call predicate until it returns something truthy and return that; fail naming `what` after timeout s
+    (a callable `what` is asked at that moment, to say what was last seen).
 
     For plain (non-async) tests; async tests use `wait_for`, which lets the event loop run meanwhile."""
     deadline = time.monotonic() + timeout
@@ -87,7 +89,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         if last:
             return last
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what() if callable(what) else what}; last: {last!r}")
         time.sleep(interval)
 
 

@@ -18,8 +18,10 @@ import pytest
 
 from edge.cell import load_cells
 from edge.modbus import DeviceReader, ModbusLine
-from kwwk.dev.localservers import _port_open, free_port
+from edge.sim.ports import reserve_port
+from kwwk.dev.localservers import _port_open
 from tests.conftest import CELLS, with_free_ports
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +37,8 @@ def test_demo_serves_live_values_matching_the_simulator(tmp_path: Path) -> None:
     for f in sorted(CELLS.glob("*.yaml")):
         with_free_ports(f, cells_dir)
     cells = load_cells(cells_dir)
-    api, mqtt, influx = free_port(), free_port(), free_port()
+    # the demo runs in a process of its own and binds fixed ports: reserved for this test (edge.sim.ports)
+    api, mqtt, influx = reserve_port(), reserve_port(), reserve_port()
     kwwk = Path(sys.executable).parent / "kwwk"
     proc = subprocess.Popen(  # noqa: S603
         [str(kwwk), "demo", "--cells", str(cells_dir), "--var", str(tmp_path / "var"), "--api-port", str(api),
@@ -44,17 +47,18 @@ def test_demo_serves_live_values_matching_the_simulator(tmp_path: Path) -> None:
     t0 = time.monotonic()
     token = tmp_path / "var" / "operator-token"  # the demo issues an operator token each run
     try:
-        body = None
-        while time.monotonic() - t0 < 60:
+        answers: list[dict] = []
+
+        def every_device_live() -> dict | None:
             try:
-                body = _get(f"http://127.0.0.1:{api}/api/cells/musterdorf/latest", token)
-                if all(p["value"] is not None for d in body["devices"] for p in d["points"].values()):
-                    break
+                answers.append(_get(f"http://127.0.0.1:{api}/api/cells/musterdorf/latest", token))
             except OSError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"no live value for every device within 60 s; last answer: {body}")
+                return None  # still starting
+            body = answers[-1]
+            return body if all(p["value"] is not None for d in body["devices"] for p in d["points"].values()) else None
+
+        body = wait_until(every_device_live, 60, lambda: "a live value for every musterdorf device (last answer: "
+                          f"{answers[-1] if answers else None})", interval=1)
         took = time.monotonic() - t0
         assert {d["id"] for d in body["devices"]} == {d.id for _, d in cells["musterdorf"].devices()}
         # the plant is frozen (--sim-speed 0): what the API shows must equal what the devices serve now

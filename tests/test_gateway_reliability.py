@@ -71,7 +71,7 @@ async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mos
         await wait_for(lambda: len(recorder.snapshot()) >= 3, 15, "telemetry before the outage")
         mosquitto.stop()
         outage = (time.time() * 1000, None)
-        await asyncio.sleep(OUTAGE_S)
+        await asyncio.sleep(OUTAGE_S)  # the outage itself: time has to pass, with the gateway polling throughout
         depth_during = gw.outbox.depth
         mosquitto.start()
         outage = (outage[0], time.time() * 1000)
@@ -122,6 +122,14 @@ def _gateway_proc(cell: Path, mqtt_port: int, outbox: Path, log: Path) -> subpro
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "KWWK_LOG_LEVEL": "INFO"})
 
 
+def _outbox_count(path: Path) -> int:
+    """Readings in the outbox of a running gateway (0 while its write holds the lock: ask again)."""
+    try:
+        return len(_outbox_rows(path))
+    except sqlite3.OperationalError:
+        return 0
+
+
 def _outbox_rows(path: Path) -> dict[tuple[str, str, int], float]:
     db = sqlite3.connect(path)
     try:
@@ -146,7 +154,7 @@ async def test_sigkill_then_restart_delivers_the_outbox_and_continues_the_sequen
     try:
         await wait_for(lambda: len(recorder.snapshot()) >= 3, 20, "telemetry from the gateway process")
         mosquitto.stop()
-        await asyncio.sleep(6)  # the gateway keeps polling into its outbox
+        await wait_for(lambda: _outbox_count(outbox) >= 4 * 13, 20, "readings piling up in the outbox, broker down")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         seen_before = {m["seq"] for m in recorder.snapshot()}
@@ -200,16 +208,20 @@ async def test_full_outbox_applies_its_policy_and_counts_it(tmp_path: Path, poli
     stop = asyncio.Event()
     gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=reserve_port()), tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
+    reason = "full_" + policy
+
+    async def drops_counted() -> str | None:
+        text = await asyncio.to_thread(_metrics, gw.health.port)
+        return text if _metric(text, "kwwk_gateway_outbox_dropped_total", reason=reason) >= 400 else None
+
     try:
         await wait_for(lambda: len(gw.produced) > 600, 20, "more readings than the outbox holds")
-        await asyncio.sleep(5.5)  # one housekeeping round publishes the gauges
-        text = await asyncio.to_thread(_metrics, gw.health.port)
+        text = await wait_for(drops_counted, 20, f"400 readings dropped ({reason}) counted in /metrics")
         health = gw.healthz()
     finally:
         stop.set()
         await task
         await sim.stop()
-    reason = "full_" + policy
     dropped = _metric(text, "kwwk_gateway_outbox_dropped_total", reason=reason)
     assert dropped >= 400
     assert _metric(text, "kwwk_gateway_outbox_readings") <= 200
@@ -232,13 +244,18 @@ async def test_failing_devices_are_reported_and_retried_while_others_keep_their_
     gw = RecordingGateway(cfg, "gw-fault", BrokerSettings(port=mosquitto.port), tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
     faulty = ("silent", "refusing", "dropping")
+    every = {d.id for _, d in cfg.devices()}
     try:
-        await asyncio.sleep(2)
+        await wait_for(lambda: every <= {r.device for r in gw.produced if r.quality == "good"}, 15,
+                       "a good reading of every device before the faults")
         fault_start = time.time() * 1000
         sim.fault("faultcell", "silent", "timeout")
         sim.fault("faultcell", "refusing", "exception")
         await sim.set_offline("faultcell", "dropping", True)
-        await asyncio.sleep(6)
+        # the faults last until each is reported and the healthy device had a dozen polls meanwhile
+        await wait_for(lambda: all(gw.healthz()["devices"][d]["error"] for d in faulty) and len(
+            {r.ts for r in gw.produced if r.device == "healthy" and r.ts >= fault_start}) >= 12, 30,
+                       "every fault reported in /healthz, and 12 polls of the healthy device since they began")
         health = gw.healthz()
         text = await asyncio.to_thread(_metrics, gw.health.port)
         fault_end = time.time() * 1000
@@ -317,18 +334,24 @@ async def test_a_publish_the_broker_refuses_is_kept_and_reported(tmp_path: Path)
     task = asyncio.create_task(gw.run(stop))
     try:
         await wait_for(lambda: gw.uplink.last_refusal, 15, "the refusal to be noticed")
-        await asyncio.sleep(2)
+        # enough readings that the 30 allowed in flight below are a small part of them
+        await wait_for(lambda: len(gw.produced) >= 100, 15, "100 readings taken while the broker refuses")
         health = gw.healthz()
         text = await asyncio.to_thread(_metrics, gw.health.port)
         produced = len(gw.produced)
+        early = {(r.device, r.point, r.ts) for r in gw.produced[:produced]}
         assert gw.outbox.depth >= produced - 30, "refused readings stay in the outbox"
         # the operator fixes the ACL; the backlog goes out
         acl.write_text(acl.read_text() + "user gw-two\ntopic write kwwk/v1/twocell/gw-two/telemetry\n")
         broker.stop()
         broker.start()
         await wait_for(lambda: gw.outbox.depth < 60, 30, "the outbox to drain once allowed")
-        await asyncio.sleep(1)
-        delivered = {(r.device, r.point, r.ts) for m in recorder.snapshot() for r in wire_readings(m)}
+
+        def delivered() -> set[tuple[str, str, int]]:
+            return {(r.device, r.point, r.ts) for m in recorder.snapshot() for r in wire_readings(m)}
+
+        await wait_for(lambda: early <= delivered(), 15, "every refused reading delivered once allowed")
+        delivered_set = delivered()
         recorder.close()
     finally:
         stop.set()
@@ -337,5 +360,4 @@ async def test_a_publish_the_broker_refuses_is_kept_and_reported(tmp_path: Path)
         broker.stop()
     assert "0x87" in health["publish_refused"]
     assert _metric(text, "kwwk_gateway_publish_refused_total", reason="0x87") >= 1
-    early = {(r.device, r.point, r.ts) for r in gw.produced[:produced]}
-    assert early <= delivered, f"{len(early - delivered)} refused readings never delivered"
+    assert early <= delivered_set, f"{len(early - delivered_set)} refused readings never delivered"
