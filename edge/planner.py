@@ -14,8 +14,7 @@ one request, against 125 registers). The planner's rules, for both units:
   with it);
 - a request never crosses a *break*: ``(table, address)`` means no request may hold both
   ``address - 1`` and ``address`` (a break inside a point is ignored: a point cannot be split).
-  DeviceReader learns breaks from devices that reject a merged request. ``no_merge`` (points read
-  alone) is the older, coarser form of the same thing.
+  DeviceReader learns breaks from devices that reject a merged request.
 
 Within these rules the greedy sweep below gives the fewest requests: every rule only forbids a
 request from growing, so a contiguous run of sorted points that is acceptable stays acceptable when
@@ -54,7 +53,7 @@ class _Span:
     first: int
     last: int
     name: str
-    alone: bool  # never merged with another point
+    alone: bool  # never merged with another point (it lies in a failing range)
 
 
 def _limit(profile: Profile, table: str, max_registers: int | None) -> int:
@@ -69,22 +68,19 @@ def _limit(profile: Profile, table: str, max_registers: int | None) -> int:
 
 
 def plan(profile: Profile, points: Iterable[Point] | None = None, *, max_registers: int | None = None,
-         max_gap: int | None = None, no_merge: Iterable[tuple[str, int]] = frozenset(),
-         breaks: Iterable[tuple[str, int]] = frozenset()) -> list[Request]:
+         max_gap: int | None = None, breaks: Iterable[tuple[str, int]] = frozenset()) -> list[Request]:
     """Group points into the fewest requests the device accepts (see the module doc for the rules).
 
     max_registers and max_gap override the profile's limits (max_registers is still capped at the
-    protocol's 125). Points whose (table, wire address) is in no_merge get a request of their own;
-    breaks are (table, wire address) pairs no request may straddle. Requests come out sorted by
-    table name, then address; each lists its points in address order. A point passed twice is
-    planned once.
+    protocol's 125). breaks are (table, wire address) pairs no request may straddle. Requests come
+    out sorted by table name, then address; each lists its points in address order. A point passed
+    twice is planned once.
     """
     pts = list(profile.points if points is None else points)
     gap = profile.limits.max_gap if max_gap is None else max_gap
     if gap < 0:
         msg = f"max_gap must not be negative, got {gap}"
         raise ValueError(msg)
-    no_merge = frozenset(no_merge)
     cuts: dict[str, list[int]] = {}
     for table, address in breaks:
         cuts.setdefault(table, []).append(address)
@@ -102,7 +98,7 @@ def plan(profile: Profile, points: Iterable[Point] | None = None, *, max_registe
         last = first + p.registers - 1
         in_failing = any(f0 <= last and first <= f1 for f0, f1 in failing.get(p.table, ()))
         by_table.setdefault(p.table, []).append(
-            _Span(first, last, p.name, alone=in_failing or (p.table, first) in no_merge))
+            _Span(first, last, p.name, alone=in_failing))
 
     requests: list[Request] = []
     for table in sorted(by_table):

@@ -117,9 +117,9 @@ def test_tables_are_planned_separately() -> None:
     assert plan(prof) == [Request("holding", 1, 1, ("b",)), Request("input", 0, 2, ("a", "c"))]
 
 
-def test_no_merge_and_breaks() -> None:
+def test_breaks() -> None:
     prof = make_profile([pt("a", 0), pt("b", 1), pt("c", 2), pt("d", 3)])
-    assert [r.points for r in plan(prof, no_merge={("holding", 1)})] == [("a",), ("b",), ("c", "d")]
+    assert [r.points for r in plan(prof, breaks={("holding", 1), ("holding", 2)})] == [("a",), ("b",), ("c", "d")]
     assert [r.points for r in plan(prof, breaks={("holding", 2)})] == [("a", "b"), ("c", "d")]
     assert [r.points for r in plan(prof, breaks={("input", 2)})] == [("a", "b", "c", "d")]
 
