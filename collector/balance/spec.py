@@ -12,10 +12,11 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from edge.cell import ROLES, CellConfig
+from edge.cell import MeterChange as ConfigMeterChange
 from edge.codec import REGISTER_COUNT
 from edge.profile import Point, Profile
 
@@ -45,7 +46,8 @@ class BalanceConfigError(ValueError):
 class MeterChange:
     """A meter replaced (or its counter set) at a known instant.
 
-    The same fields as `edge.cell.MeterChange` (see docs/balance.md); any object with these attributes works.
+    The fields of `edge.cell.MeterChange` (a cell config's `meter_changes`, see docs/balance.md), for
+    records kept outside a cell config.
     """
 
     device: str
@@ -53,6 +55,9 @@ class MeterChange:
     time: datetime
     old_final: float
     new_initial: float
+
+
+AnyMeterChange = MeterChange | ConfigMeterChange
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ def _rated(profile: Profile, point: Point, override: float | None) -> float | No
     return max(abs(companion.range[0]), abs(companion.range[1])) * factor / native
 
 
-def _change_list(changes: Iterable[Any], cfg: CellConfig, role_points: dict[str, list[str]]) -> dict[
+def _change_list(changes: Iterable[AnyMeterChange], cfg: CellConfig, role_points: dict[str, list[str]]) -> dict[
         tuple[str, str], list[tuple[int, float, float]]]:
     out: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
     for ch in changes:
@@ -153,7 +158,7 @@ def _change_list(changes: Iterable[Any], cfg: CellConfig, role_points: dict[str,
         if points is None:
             msg = f"cell {cfg.cell.id!r}: meter change for {ch.device!r}, which has no balance role"
             raise BalanceConfigError(msg)
-        point = getattr(ch, "point", None)
+        point = ch.point
         if point is None:
             if len(points) != 1:
                 msg = (f"cell {cfg.cell.id!r}: meter change for {ch.device!r} must name its point "
@@ -174,12 +179,12 @@ def _change_list(changes: Iterable[Any], cfg: CellConfig, role_points: dict[str,
 
 
 def build_cell_spec(cfg: CellConfig, ratings: Mapping[tuple[str, str], float] | None = None,
-                    meter_changes: Iterable[Any] | None = None) -> CellSpec:
+                    meter_changes: Iterable[AnyMeterChange] | None = None) -> CellSpec:
     """The balance view of a cell config.
 
-    ratings: (device, point) → plausible maximum in the counter's unit per hour, overriding the profile;
-    a device's own `ratings` field (when the cell config has one) is read too.
-    meter_changes: replacement records; the cell config's own `meter_changes` (when it has that field) too.
+    ratings: (device, point) → plausible maximum in the counter's unit per hour, overriding the profile
+    and the device's own `ratings`.
+    meter_changes: replacement records, in addition to the cell config's own `meter_changes`.
     """
     ratings = dict(ratings or {})
     series: list[SeriesSpec] = []
@@ -191,7 +196,7 @@ def build_cell_spec(cfg: CellConfig, ratings: Mapping[tuple[str, str], float] | 
         profile = cfg.profiles[dev.id]
         roles = set(dev.roles.values())
         chp = "electricity.generation" in roles and "heat.generation" in roles
-        dev_ratings = dict(getattr(dev, "ratings", None) or {})
+        dev_ratings = dev.ratings
         poll = dev.poll_interval or gw.poll_interval
         for point_name, loop_role in dev.roles.items():
             loop, role = loop_role.split(".", 1)
@@ -239,7 +244,7 @@ def build_cell_spec(cfg: CellConfig, ratings: Mapping[tuple[str, str], float] | 
         if s.rated is not None and (not math.isfinite(s.rated) or s.rated <= 0):
             msg = f"cell {cfg.cell.id!r}, {s.device}.{s.point}: rating must be a positive number, got {s.rated}"
             raise BalanceConfigError(msg)
-    all_changes = list(getattr(cfg, "meter_changes", None) or []) + list(meter_changes or [])
+    all_changes = [*cfg.meter_changes, *(meter_changes or [])]
     return CellSpec(cell=cfg.cell.id, name=cfg.cell.name, tz=ZoneInfo(cfg.cell.timezone), residents=cfg.cell.residents,
                     connections=cfg.cell.connections, series=tuple(series),
                     changes=_change_list(all_changes, cfg, role_points))
