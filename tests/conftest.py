@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from edge.cell import load_cell
 from edge.sim import SimulatorServer
 from edge.sim.ports import reserve_port
 from kwwk.dev.localservers import InfluxDB1, Mosquitto, VictoriaMetrics
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ROOT / "firmware_configs" / "cells"
@@ -96,12 +96,10 @@ def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
     proc = subprocess.Popen(["socat", "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],  # noqa: S607
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 5
-        while not (a.exists() and b.exists()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                pytest.fail(f"socat did not create the pty pair: {err}")
-            time.sleep(0.02)
+        wait_until(lambda: (a.exists() and b.exists()) or proc.poll() is not None, 5, "socat to create the pty pair")
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            pytest.fail(f"socat did not create the pty pair: {err}")
         yield str(a), str(b)
     finally:
         proc.terminate()

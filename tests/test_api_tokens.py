@@ -3,11 +3,10 @@ every operator request, revoked without a restart; public endpoints and the page
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ from collector.api.tokens_cli import app as token_cli
 from collector.registry import Registry
 from collector.storage import InfluxSettings
 from tests.conftest import CELLS
+from tests.helpers import wait_for
 
 
 def test_create_prints_the_token_once_and_stores_only_its_hash(tmp_path: Path) -> None:
@@ -90,7 +90,13 @@ async def test_operator_endpoints_need_a_valid_token(client: httpx.AsyncClient) 
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert "no API tokens are configured: create one with `kwwk api token create" in r.json()["detail"]
     token = create_token(tokens, "leitstelle")
-    await asyncio.sleep(1.05)  # the API re-reads the file when it changed, at most once a second
+
+    async def answer_is(check: Callable[[httpx.Response], bool], headers: dict[str, str] | None = None) -> bool:
+        return check(await client.get("/api/cells", headers=headers))
+
+    # the API re-reads the file when it changed, at most once a second: the new token counts within that
+    await wait_for(lambda: answer_is(lambda r: "send 'Authorization" in r.text), 1.1,
+                   "the API to notice that tokens exist", interval=0.05)
     r = await client.get("/api/cells")
     assert r.status_code == 401 and "send 'Authorization: Bearer <token>'" in r.json()["detail"]
     for bad in ("Bearer kwwk_wrong", f"Basic {token}", token, "Bearer "):
@@ -99,7 +105,8 @@ async def test_operator_endpoints_need_a_valid_token(client: httpx.AsyncClient) 
     ok = await client.get("/api/cells", headers={"Authorization": f"Bearer {token}"})
     assert ok.status_code == 200 and {c["id"] for c in ok.json()} == {"lindenau", "musterdorf"}
     revoke_token(tokens, "leitstelle")
-    await asyncio.sleep(1.05)
+    await wait_for(lambda: answer_is(lambda r: r.status_code == 401, {"Authorization": f"Bearer {token}"}), 1.1,
+                   "the revocation to take effect (within a second)", interval=0.05)
     r = await client.get("/api/cells", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 401 and r.json()["detail"] == "invalid or revoked API token"
 

@@ -145,7 +145,7 @@ async def test_cache_computes_once_for_concurrent_callers_and_expires() -> None:
 
     async def compute() -> int:
         calls.append(1)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a slow computation: the other callers arrive while it runs
         return len(calls)
 
     assert await asyncio.gather(*(cache.get("k", compute) for _ in range(20))) == [1] * 20

@@ -54,7 +54,7 @@ async def test_two_live_meters_and_a_dead_one_on_one_rtu_bus(pty_pair: tuple[str
                 results[unit].append(await readers[unit].read())
                 if unit != 3:
                     slowest = max(slowest, time.monotonic() - t0)
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # a poller's pause between reads: time passing is the point
 
         await asyncio.gather(*(poll(u) for u in (1, 2, 3)))
         stats = line.stats.as_dict()
@@ -84,7 +84,16 @@ async def test_two_live_meters_and_a_dead_one_on_one_rtu_bus(pty_pair: tuple[str
     print(f"\nRTU bus: {len(results[1])}+{len(results[2])} live reads, {len(dead)} dead-unit reads, "
           f"{probes} requests to the dead unit, slowest live read {slowest:.3f} s, line {stats}")
     assert live_requests >= 20 * 3 // 2
+    assert live_requests == 3 * (len(results[1]) + len(results[2])), "three requests per live read, none repeated"
     assert stats["timeouts"] == probes
+    # the line's counters agree with what the server saw: every request sent arrived, all but the
+    # dead unit's were answered, on the one connection the arbiter held throughout
+    assert stats["requests"] == len(server.seen) == live_requests + probes
+    assert stats["replies"] == stats["requests"] - stats["timeouts"] and stats["exceptions"] == 0
+    assert stats["connects"] == 1 and stats["disconnects"] == 0
+    # every read of the dead unit but the probing ones (the first sends a retry too) is refused off the bus
+    assert len(dead) > probes
+    assert stats["skipped"] == len(dead) - (probes - 1)
 
 
 async def test_commissioning_reads_share_the_bus_with_polls(pty_pair: tuple[str, str]) -> None:
