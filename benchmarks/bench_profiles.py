@@ -28,10 +28,11 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.modbus import DeviceReader, LineSpec, ModbusLine
-from edge.sim.image import Image, image_for, synthetic_values
-from edge.sim.modbus_server import SimServer, free_port
 from edge.planner import plan, plan_single
 from edge.profile import Profile, get_profile, profile_ids
+from edge.sim.image import Image, image_for, synthetic_values
+from edge.sim.modbus_server import SimServer
+from edge.sim.ports import reserve_port
 
 TOTAL_BUDGET = 30.0  # seconds of reading, at most, across all profiles and both modes
 
@@ -139,7 +140,7 @@ def main() -> None:
     seconds = args.seconds or max(0.2, min(1.5, TOTAL_BUDGET / max(1, 2 * len(profiles))))
 
     units = {u: image_for(p, synthetic_values(p)) for u, p in enumerate(profiles, start=1)}
-    port = free_port()
+    port = reserve_port()  # held by this process; the server process binds it
     ctx = mp.get_context("spawn")
     proc = ctx.Process(target=serve, args=(units, port), daemon=True)
     proc.start()

@@ -13,12 +13,14 @@ import pytest
 
 from edge.cell import load_cell
 from edge.modbus import ModbusLine
-from edge.sim.modbus_server import SimServer
+from edge.planner import plan
 from edge.profile import Profile, get_profile
-from edge.sim import SimClock, SimulatorServer
+from edge.sim import SimClock
 from edge.sim.image import RegisterImage
+from edge.sim.modbus_server import SimServer
 from gateway.commission.probe import DeviceProbe, probe_device
-from kwwk.dev.localservers import free_port
+from tests.conftest import start_simulator
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 KWWK = str(Path(sys.executable).parent / "kwwk")
@@ -130,19 +132,21 @@ async def test_wrong_scale_gets_a_hint_and_tiny_floats_a_warning() -> None:
     assert "outside their plausible range: voltage_l1 = 2302 V" in messages(result)
 
 
-def _one_meter_cell(folder: Path, port: int) -> Path:
+def _one_meter_cell(folder: Path) -> Path:
+    """A cell with one simulated meter; start_simulator serves it on a port of the system's choosing."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "probecell.yaml"
     path.write_text("cell: {id: probecell, name: Probe Cell}\ngateways:\n  - id: gw-p\n    devices:\n"
-                    f"      - {{id: grid, profile: eastron_sdm630, connection: {{host: 127.0.0.1, port: {port}}}, "
+                    "      - {id: grid, profile: eastron_sdm630, connection: {host: 127.0.0.1, port: 5020}, "
                     "sim: {model: grid}}\n")
     return path
 
 
 async def test_counters_that_stand_still_warn_and_counters_that_run_backwards_fail(tmp_path: Path) -> None:
-    cfg = load_cell(_one_meter_cell(tmp_path, free_port()))
-    sim = SimulatorServer([cfg], SimClock(speed=3600), step=0.1)  # an hour per second: counters move
-    await sim.start()
+    # an hour per second: counters move
+    sim, served = await start_simulator(_one_meter_cell(tmp_path), tmp_path / "gateway", clock=SimClock(speed=3600),
+                                        step=0.1)
+    cfg = load_cell(served)
     spec, unit = cfg.line_spec(cfg.gateways[0], cfg.device("grid"))
     line = ModbusLine(spec)
     try:
@@ -152,8 +156,10 @@ async def test_counters_that_stand_still_warn_and_counters_that_run_backwards_fa
         assert by["energy_export"].verdict == "frozen"  # the village imports: nothing is exported
         assert alive.status == "warn" and "did not change in 0.6 s: energy_export" in messages(alive)
 
-        async def reset_meter() -> None:
-            await asyncio.sleep(0.2)
+        answered, first_read = line.stats.replies, len(plan(SDM))
+
+        async def reset_meter() -> None:  # between the probe's two reads: once the first is answered
+            await wait_for(lambda: line.stats.replies >= answered + first_read, 5, "the probe's first read", 0.005)
             sim.pin("probecell", "grid", "energy_import", 5.0)
 
         task = asyncio.create_task(reset_meter())
@@ -185,9 +191,7 @@ async def test_cli_probe_exit_codes() -> None:
 
 
 async def test_cli_probe_takes_the_device_from_the_cell_config(tmp_path: Path) -> None:
-    cfg_path = _one_meter_cell(tmp_path, free_port())
-    sim = SimulatorServer([load_cell(cfg_path)])
-    await sim.start()
+    sim, cfg_path = await start_simulator(_one_meter_cell(tmp_path), tmp_path / "gateway")
     try:
         code, out = await _cli("--cell", str(cfg_path), "--device", "grid", "--pause", "0")
     finally:

@@ -12,12 +12,11 @@ import pytest
 import yaml
 
 from edge.cell import load_cell
-from edge.sim.modbus_server import SimServer
 from edge.profile import get_profile
 from edge.sim import SimulatorServer
 from edge.sim.image import RegisterImage
+from edge.sim.modbus_server import SimServer
 from gateway.commission.scan import parse_units, scan_serial, scan_tcp, scan_yaml
-from kwwk.dev.localservers import free_port
 
 pytestmark = pytest.mark.integration
 KWWK = str(Path(sys.executable).parent / "kwwk")
@@ -28,15 +27,22 @@ TCP_DEVICES = {1: ("carlo_gavazzi_em24_e1", "grid"), 2: ("sunspec_inverter_103",
 NAMED = {u: p for u, (p, _) in TCP_DEVICES.items() if p != "eastron_sdm630"}
 
 
-def sim_cell(folder: Path, port: int) -> Path:
+def sim_cell(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["cell: {id: scantest, name: Scan Test}", "gateways:", "  - id: gw-scan", "    devices:"]
     for unit, (profile, model) in TCP_DEVICES.items():
         lines.append(f"      - {{id: dev{unit}, profile: {profile}, sim: {{model: {model}}}, "
-                     f"connection: {{host: 127.0.0.1, port: {port}, unit_id: {unit}}}}}")
+                     f"connection: {{host: 127.0.0.1, port: 502, unit_id: {unit}}}}}")
     path = folder / "scantest.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+async def _serve(folder: Path) -> SimulatorServer:
+    """The simulated devices on one endpoint, on a port the system picks (port 0)."""
+    sim = SimulatorServer([load_cell(sim_cell(folder))], any_port=True)
+    await sim.start()
+    return sim
 
 
 def _paste(snippet: str, folder: Path) -> Path:
@@ -49,9 +55,8 @@ def _paste(snippet: str, folder: Path) -> Path:
 
 
 async def test_scan_finds_and_names_the_simulated_devices_over_tcp(tmp_path: Path) -> None:
-    port = free_port()
-    sim = SimulatorServer([load_cell(sim_cell(tmp_path, port))])
-    await sim.start()
+    sim = await _serve(tmp_path)
+    port = sim.endpoints[0][1]
     try:
         t0 = time.monotonic()
         result = await scan_tcp("127.0.0.1", port, parse_units("1-247"), timeout=0.3)
@@ -137,9 +142,8 @@ async def test_a_device_that_ignores_the_unit_id_is_listed_once() -> None:
 
 
 async def test_cli_scan_prints_table_and_writes_yaml(tmp_path: Path) -> None:
-    port = free_port()
-    sim = SimulatorServer([load_cell(sim_cell(tmp_path, port))])
-    await sim.start()
+    sim = await _serve(tmp_path)
+    port = sim.endpoints[0][1]
     out = tmp_path / "devices.yaml"
     try:
         proc = await asyncio.create_subprocess_exec(

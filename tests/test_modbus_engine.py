@@ -24,9 +24,11 @@ from edge.modbus import (
     ModbusLine,
     ReadTimeout,
 )
-from edge.sim.image import image_for
-from edge.sim.modbus_server import SimServer, free_port
 from edge.profile import Profile, get_profile
+from edge.sim.image import image_for
+from edge.sim.modbus_server import SimServer
+from edge.sim.ports import reserve_port
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -136,7 +138,7 @@ async def test_rtu_over_tcp_framing() -> None:
 
 
 async def test_request_arguments_are_checked() -> None:
-    line = ModbusLine(LineSpec(kind="tcp", host="127.0.0.1", port=free_port()))
+    line = ModbusLine(LineSpec(kind="tcp", host="127.0.0.1", port=reserve_port()))
     for args in [(1, "holding", 0, 126), (1, "holding", 0, 0), (1, "coil", 0, 2001), (1, "bogus", 0, 1),
                  (1, "holding", 65535, 2), (256, "holding", 0, 1)]:
         with pytest.raises(ValueError):
@@ -260,8 +262,7 @@ async def test_a_read_cancelled_while_queued_is_never_sent() -> None:
         line = ModbusLine(server.spec(timeout=1.0))
         first = asyncio.create_task(line.read(1, "holding", 0, 1))
         second = asyncio.create_task(line.read(1, "holding", 1, 1))
-        await asyncio.sleep(0.01)
-        assert line.pending == 1
+        await wait_for(lambda: line.pending == 1, 5, "the first read on the wire, the second queued", 0.001)
         second.cancel()
         assert await first == [1]
         with pytest.raises(asyncio.CancelledError):
@@ -278,7 +279,7 @@ async def test_close_fails_queued_reads() -> None:
     async with SimServer({1: {"holding": {0: 1}}}, actions={1: slow}) as server:
         line = ModbusLine(server.spec(timeout=1.0))
         tasks = [asyncio.create_task(line.read(1, "holding", 0, 1)) for _ in range(3)]
-        await asyncio.sleep(0.02)
+        await wait_for(lambda: line.pending == 2, 5, "one read on the wire, two queued", 0.001)
         await line.close()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, LineDown) for r in results)
@@ -343,7 +344,7 @@ async def test_backoff_grows_and_recovers() -> None:
         with pytest.raises(DeviceBackoff):
             await line.read(1, "holding", 0, 1)
         assert len(server.seen) == 3  # not sent
-        await asyncio.sleep(line.backoff_remaining(1) + 0.01)
+        await wait_for(lambda: line.backoff_remaining(1) == 0, 5, "the backoff over", 0.01)
         with pytest.raises(ReadTimeout):
             await line.read(1, "holding", 0, 1)
         assert len(server.seen) == 4  # a backing-off device is probed once, without retries
@@ -404,8 +405,7 @@ async def test_reconnects_after_the_device_drops_the_connection() -> None:
         line = ModbusLine(server.spec(timeout=0.5))
         assert await line.read(1, "holding", 0, 2) == [11, 12]
         assert server.drop_connections() == 1
-        await asyncio.sleep(0.05)
-        assert not line.connected
+        await wait_for(lambda: not line.connected, 5, "the line to notice the dropped connection", 0.005)
         assert await line.read(1, "holding", 0, 2) == [11, 12]
         assert line.stats.connects == 2
         await line.close()
@@ -433,7 +433,7 @@ async def test_connection_dropped_under_a_request_is_reopened_and_the_request_se
 
 
 async def test_line_down_backs_off_and_comes_back() -> None:
-    port = free_port()
+    port = reserve_port()
     line = ModbusLine(LineSpec(kind="tcp", host="127.0.0.1", port=port, **FAST))
     with pytest.raises(LineDown) as err:
         await line.read(1, "holding", 0, 1)
@@ -442,12 +442,17 @@ async def test_line_down_backs_off_and_comes_back() -> None:
     with pytest.raises(LineDown, match="not sent"):
         await line.read(1, "holding", 0, 1)
     assert line.stats.connects == 1  # no new attempt while the line backs off
+    async def answer() -> list[int] | None:
+        try:
+            return await line.read(1, "holding", 0, 1)
+        except LineDown:
+            return None  # still backing off: refused without a connection attempt
+
     async with SimServer({1: {"holding": {0: 9}}}, port=port):
-        await asyncio.sleep(FAST["reconnect_base"] + 0.01)
-        assert await line.read(1, "holding", 0, 1) == [9]
+        assert await wait_for(answer, 5, "the line to come back", 0.02) == [9]
         assert line.stats.connects == 2
     # the server went away: the next read finds the connection gone and reports the line down
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: not line.connected, 5, "the line to notice the server gone", 0.005)
     with pytest.raises(LineDown):
         await line.read(1, "holding", 0, 1)
     await line.close()
@@ -455,7 +460,7 @@ async def test_line_down_backs_off_and_comes_back() -> None:
 
 async def test_device_reader_reports_line_down_for_every_point() -> None:
     prof = get_profile("eastron_sdm630")
-    line = ModbusLine(LineSpec(kind="tcp", host="127.0.0.1", port=free_port(), **FAST))
+    line = ModbusLine(LineSpec(kind="tcp", host="127.0.0.1", port=reserve_port(), **FAST))
     result = await DeviceReader(line, prof, 1).read()
     await line.close()
     assert set(result.errors) == {p.name for p in prof.points}
@@ -512,7 +517,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 
 def test_a_line_outlives_its_event_loop() -> None:
-    port = free_port()
+    port = reserve_port()
     line = ModbusLine(LineSpec(kind="tcp", host="127.0.0.1", port=port, timeout=0.5))
 
     async def once(value: int) -> list[int]:
