@@ -21,11 +21,10 @@ from edge.sunspec.modeldefs import get_model, model_ids
 
 __all__ = ["QUANTITY_MAP", "SunSpecDevice", "read_devices", "to_quantities"]
 
-_INVERTER: dict[str, tuple[str, int]] = {
+#: what inverter and meter models name alike
+_AC: dict[str, tuple[str, int]] = {
     "W": ("power", 0),
-    "WH": ("energy_export", -3),
     "VA": ("apparent_power", 0),
-    "VAr": ("reactive_power", 0),
     "PF": ("power_factor", -2),
     "PhVphA": ("voltage_l1", 0),
     "PhVphB": ("voltage_l2", 0),
@@ -34,25 +33,22 @@ _INVERTER: dict[str, tuple[str, int]] = {
     "AphB": ("current_l2", 0),
     "AphC": ("current_l3", 0),
     "Hz": ("frequency", 0),
+}
+
+_INVERTER: dict[str, tuple[str, int]] = {
+    **_AC,
+    "WH": ("energy_export", -3),
+    "VAr": ("reactive_power", 0),
     "DCW": ("dc_power", 0),
     "TmpCab": ("temperature", 0),
 }
 
 _METER: dict[str, tuple[str, int]] = {
-    "W": ("power", 0),
+    **_AC,
     "WphA": ("power_l1", 0),
     "WphB": ("power_l2", 0),
     "WphC": ("power_l3", 0),
-    "VA": ("apparent_power", 0),
     "VAR": ("reactive_power", 0),
-    "PF": ("power_factor", -2),
-    "PhVphA": ("voltage_l1", 0),
-    "PhVphB": ("voltage_l2", 0),
-    "PhVphC": ("voltage_l3", 0),
-    "AphA": ("current_l1", 0),
-    "AphB": ("current_l2", 0),
-    "AphC": ("current_l3", 0),
-    "Hz": ("frequency", 0),
     "TotWhImp": ("energy_import", -3),
     "TotWhExp": ("energy_export", -3),
 }
