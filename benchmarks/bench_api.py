@@ -35,7 +35,8 @@ from collector.lineprotocol import Row, encode
 from collector.storage import InfluxSettings, V1Writer
 from edge.cell import CellConfig, load_cell
 from edge.sim.site import Site
-from kwwk.dev.localservers import InfluxDB1, free_port
+from edge.sim.ports import reserve_port
+from kwwk.dev.localservers import InfluxDB1
 
 ROOT = Path(__file__).resolve().parents[1]
 TZ = ZoneInfo("Europe/Berlin")
@@ -113,7 +114,7 @@ async def load(port: int, total: int, concurrency: int, seconds: float) -> tuple
 
 
 def run(influx_url: str, cache_s: float, total: int, concurrency: int, seconds: float) -> dict[str, float]:
-    port = free_port()
+    port = reserve_port()  # the API runs in a process of its own: a port reserved for it (edge.sim.ports)
     proc = multiprocessing.get_context("spawn").Process(target=serve, args=(influx_url, port, cache_s), daemon=True)
     proc.start()
     url = f"http://127.0.0.1:{port}"

@@ -26,7 +26,9 @@ from edge.telemetry import Reading  # noqa: E402
 from gateway.metrics import GatewayMetrics  # noqa: E402
 from gateway.outbox import Outbox  # noqa: E402
 from gateway.uplink import BrokerSettings, Uplink  # noqa: E402
-from kwwk.dev.localservers import Mosquitto, free_port  # noqa: E402
+from edge.cell import load_cell  # noqa: E402
+from edge.sim.ports import reserve_port  # noqa: E402
+from kwwk.dev.localservers import Mosquitto, _port_open  # noqa: E402
 from tests.conftest import with_free_ports  # noqa: E402
 
 BACKLOG = 200_000
@@ -47,7 +49,7 @@ async def drain_rate(broker_port: int, workdir: Path) -> tuple[float, float]:
                     batch_size=500)
     start = time.perf_counter()
     task = asyncio.create_task(uplink.run())
-    while outbox.depth:
+    while outbox.depth:  # polled finely: the drain time is the figure
         await asyncio.sleep(0.05)
     took = time.perf_counter() - start
     task.cancel()
@@ -79,19 +81,24 @@ def steady_state(broker_port: int, workdir: Path) -> tuple[float, float, float]:
     kwwk = Path(sys.executable).parent / "kwwk"
     sim = subprocess.Popen([str(kwwk), "sim", "run", "--cell", str(cell)], stdout=subprocess.DEVNULL,  # noqa: S603
                            stderr=subprocess.DEVNULL)
-    health = free_port()
-    time.sleep(2)
+    health = reserve_port()  # the gateway runs in a process of its own: a port reserved for it (edge.sim.ports)
+    ports = {d.connection.port for _, d in load_cell(cell).devices() if d.connection.port}
+    deadline = time.monotonic() + 20
+    while not all(_port_open(p) for p in ports):  # the simulator serves every endpoint before the gateway starts
+        if sim.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the simulator did not serve {sorted(ports)}")
+        time.sleep(0.1)
     gw = subprocess.Popen([str(kwwk), "gateway", "run", "--cell", str(cell), "--gateway", "gw-musterdorf-1",  # noqa: S603
                            "--mqtt-port", str(broker_port), "--outbox", str(workdir / "steady.sqlite"),
                            "--health-port", str(health), "--log-level", "WARNING"],
                           stdout=subprocess.DEVNULL, stderr=(workdir / "gateway.log").open("wb"))
     try:
-        time.sleep(5)  # imports and first polls are not steady state
+        time.sleep(5)  # time passing on purpose: imports and first polls are not steady state
         if gw.poll() is not None:
             raise RuntimeError("gateway exited: " + (workdir / "gateway.log").read_text()[-2000:])
         cpu0, _ = _proc_stat(gw.pid)
         n0 = _readings(health)
-        time.sleep(STEADY_S)
+        time.sleep(STEADY_S)  # the measured window
         cpu1, rss = _proc_stat(gw.pid)
         n1 = _readings(health)
     finally:
