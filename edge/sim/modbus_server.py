@@ -25,19 +25,14 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge.modbus._line import LineSpec
 from edge.sim.image import Image, image_for  # image_for: tests/test_rtu.py still imports it from here
-from edge.sim.ports import reserve_port
 
-__all__ = ["Image", "Observed", "SimServer", "free_port", "image_for"]
+__all__ = ["Image", "Observed", "SimServer", "image_for"]
 
 #: async action(function_code, start_address, address, count, registers, set_values) -> ExcCodes | None
 Action = Callable[[int, int, int, int, list[int], Any], Awaitable[ExcCodes | None]]
 
 _TABLE_ORDER = ("coil", "discrete", "holding", "input")
 _FC_TABLE = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
-
-
-#: a port of this process' own until it exits, where nothing listens (kept for existing callers)
-free_port = reserve_port
 
 
 def _runs(addresses: Iterable[int]) -> list[tuple[int, int]]:
