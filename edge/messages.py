@@ -20,6 +20,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from edge.errors import KwwkError
 from edge.telemetry import SCHEMA, TOPIC_ROOT
 
 __all__ = [
@@ -39,7 +40,7 @@ TIME_SCHEMA = "kwwk.time/1"
 DEADLETTER_PAYLOAD_MAX = 65536  # bytes of the refused payload a dead letter keeps
 
 
-class MessageError(ValueError):
+class MessageError(KwwkError, ValueError):
     """A control payload that is not valid JSON or not the message it should be."""
 
 

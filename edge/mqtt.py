@@ -16,15 +16,20 @@ import dataclasses
 import secrets
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge.backoff import Backoff
+from edge.errors import SettingsError
 
 if TYPE_CHECKING:  # paho-mqtt is in the gateway and the collector extras, imported when a client is made
     import paho.mqtt.client
     from paho.mqtt.properties import Properties
 
-__all__ = ["MqttSettings", "aiomqtt_client_kwargs", "connect_kwargs", "connect_properties", "paho_client"]
+__all__ = [
+    "MqttSettings", "aiomqtt_client_kwargs", "connect_kwargs", "connect_properties", "paho_client",
+    "read_password_file",
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,15 @@ class MqttSettings:
     def backoff(self) -> Backoff:
         """Reconnect delays for loops we drive ourselves (the aiomqtt uplink): the same bounds paho's loop gets."""
         return Backoff(self.reconnect_min_s, max(self.reconnect_min_s, self.reconnect_max_s))
+
+
+def read_password_file(path: str | Path) -> str:
+    """The password kept in a file (passwords never go on a command line); SettingsError when it cannot be read."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as err:
+        msg = f"cannot read the password file {path}: {err.strerror or err}"
+        raise SettingsError(msg) from None
 
 
 def connect_properties(settings: MqttSettings, **extra: int) -> Properties:

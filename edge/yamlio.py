@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from edge.errors import KwwkError
+
 __all__ = ["ConfigError", "LineMap", "load_yaml", "validate"]
 
 Loc = tuple[str | int, ...]
@@ -20,7 +22,7 @@ LineMap = dict[Loc, int]
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(KwwkError, ValueError):
     """A config or profile file is wrong; the message names file, line and field."""
 
     def __init__(self, path: Path | str, problems: Iterable[tuple[int | None, str, str]]) -> None:

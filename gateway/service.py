@@ -11,13 +11,14 @@ from typing import Any
 import structlog
 
 from edge.cell import CellConfig
+from edge.mqtt import MqttSettings
+from edge.obs import HealthServer
 from edge.telemetry import Reading
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Outbox
 from gateway.poller import build_pollers
 from gateway.systemd import Systemd
-from gateway.uplink import BrokerSettings, Uplink
-from edge.obs import HealthServer
+from gateway.uplink import Uplink
 
 __all__ = ["GatewayService"]
 
@@ -25,7 +26,7 @@ log = structlog.get_logger("kwwk.gateway")
 
 
 class GatewayService:
-    def __init__(self, cfg: CellConfig, gateway_id: str, broker: BrokerSettings, outbox_path: Path,
+    def __init__(self, cfg: CellConfig, gateway_id: str, broker: MqttSettings, outbox_path: Path,
                  health_host: str = "127.0.0.1", health_port: int = 0) -> None:
         self.cfg = cfg
         self.gateway = cfg.gateway(gateway_id)

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import random
-import ssl
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from pydantic import ValidationError
 
+from edge.messages import MessageError, ResendRequest, StatusMessage
+from edge.mqtt import MqttSettings, aiomqtt_client_kwargs
 from edge.telemetry import (
     SCHEMA,
-    ResendRequest,
     TelemetryBatch,
     polls,
     resend_topic,
@@ -30,33 +23,16 @@ from edge.telemetry import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Batch, Outbox
+from gateway.settings import gateway_client_id, gateway_mqtt
 
-__all__ = ["BrokerSettings", "Uplink"]
+__all__ = ["BrokerSettings", "PublishRefused", "Uplink"]
 
 log = structlog.get_logger("kwwk.gateway.uplink")
 
 
-@dataclass(frozen=True)
-class BrokerSettings:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    keepalive: int = 30
-    reconnect_max_s: float = 30.0
-    session_expiry_s: int = 7 * 86400
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        if self.cert_file:
-            ctx.load_cert_chain(self.cert_file, self.key_file)
-        return ctx
+def BrokerSettings(**fields: Any) -> MqttSettings:  # noqa: N802 - the name of the class this replaced
+    """Transitional, for callers not yet moved (tests, benchmarks, the demo): gateway.settings.gateway_mqtt()."""
+    return gateway_mqtt(**fields)
 
 
 class PublishRefused(aiomqtt.MqttError):
@@ -99,12 +75,13 @@ class _CheckedClient(aiomqtt.Client):
 
 
 class Uplink:
-    def __init__(self, cell: str, gateway: str, outbox: Outbox, settings: BrokerSettings, metrics: GatewayMetrics,
+    def __init__(self, cell: str, gateway: str, outbox: Outbox, settings: MqttSettings, metrics: GatewayMetrics,
                  batch_size: int = 500, flush_interval: float = 1.0, status_interval: float = 60.0) -> None:
         self.cell = cell
         self.gateway = gateway
         self.outbox = outbox
-        self.settings = settings
+        # the client id names the gateway's persistent session: never a random one
+        self.settings = settings if settings.client_id else settings.replace(client_id=gateway_client_id(gateway))
         self.metrics = metrics
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -119,11 +96,9 @@ class Uplink:
         self.last_refusal: str | None = None
 
     def _status(self, state: str) -> bytes:
-        body: dict[str, Any] = {"schema": SCHEMA, "gateway": self.gateway, "cell": self.cell, "state": state,
-                                "ts": int(time.time() * 1000)}
-        if state == "online":  # the will is fixed at connect time: a depth in it would be stale
-            body["outbox_readings"] = self.outbox.depth
-        return json.dumps(body).encode()
+        # the will is fixed at connect time: a depth in it would be stale
+        depth = self.outbox.depth if state == "online" else None
+        return StatusMessage.now(self.cell, self.gateway, state, outbox_readings=depth).to_bytes()
 
     async def _heartbeat(self, client: _CheckedClient) -> None:
         """Refresh the retained online status, so operators see the current outbox depth and a live clock."""
@@ -132,20 +107,14 @@ class Uplink:
             await client.publish_acked(self.status, self._status("online"), retain=True)
 
     async def run(self) -> None:
-        """Stay connected; reconnect with jittered exponential backoff."""
-        attempt = 0
+        """Stay connected; reconnect with jittered exponential backoff (the settings' reconnect bounds)."""
         s = self.settings
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = s.session_expiry_s
+        backoff = s.backoff()
         will = aiomqtt.Will(self.status, self._status("offline"), qos=1, retain=True)
         while True:
             try:
-                async with _CheckedClient(
-                    s.host, s.port, username=s.username, password=s.password, identifier=f"kwwk-gw-{self.gateway}",
-                    protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive,
-                    tls_context=s.tls_context(), clean_start=False, properties=props, timeout=10,
-                ) as client:
-                    attempt = 0
+                async with _CheckedClient(**aiomqtt_client_kwargs(s), will=will, timeout=10) as client:
+                    backoff.success()
                     self.connected = True
                     self.metrics.connected.set(1)
                     self.metrics.connects.labels("ok").inc()
@@ -174,12 +143,12 @@ class Uplink:
                 if self.connected:
                     log.warning("lost the broker", error=str(err), outbox=self.outbox.depth)
                 else:
-                    log.warning("cannot reach the broker", error=str(err), attempt=attempt, outbox=self.outbox.depth)
+                    log.warning("cannot reach the broker", error=str(err), attempt=backoff.failures + 1,
+                                outbox=self.outbox.depth)
             finally:
                 self.connected = False
                 self.metrics.connected.set(0)
-            attempt += 1
-            await asyncio.sleep(random.uniform(0.5, min(s.reconnect_max_s, 1.5 ** min(attempt, 10))))  # noqa: S311
+            await asyncio.sleep(backoff.failure())
 
     async def _drain(self, client: _CheckedClient) -> None:
         for batch in self.outbox.in_flight():  # numbered before a crash or disconnect: same seq again
@@ -200,8 +169,8 @@ class Uplink:
         """Send archived batches again when a collector found their sequence numbers missing."""
         async for message in client.messages:
             try:
-                request = ResendRequest.model_validate_json(message.payload)  # type: ignore[arg-type]
-            except ValidationError as err:
+                request = ResendRequest.parse(message.payload)  # type: ignore[arg-type]
+            except MessageError as err:
                 log.warning("ignored a malformed resend request", error=str(err)[:200])
                 continue
             if request.stream != self.outbox.stream:
@@ -235,6 +204,3 @@ class Uplink:
         self.metrics.published.labels(str(batch.replay or resend).lower()).inc()
         self.metrics.published_readings.inc(len(batch.readings))
 
-
-def read_secret(path: str | None) -> str | None:
-    return Path(path).read_text().strip() if path else None

@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from edge.yamlio import ConfigError
+from edge.errors import SettingsError, cli_errors
+from gateway import settings as gs  # the gateway's options: `gateway run` and `commission verify` share them
 
 app = typer.Typer(help="KWWK Telemetry: closed heat-water-power loops made visible.", no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode="rich",
@@ -73,18 +74,14 @@ InfluxToken = Annotated[str | None, typer.Option("--influx-token", envvar="KWWK_
 InfluxOrg = Annotated[str, typer.Option("--influx-org", envvar="KWWK_INFLUX_ORG")]
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
+def _mqtt(base, host: str, port: int, username: str | None, password_file: str | None, tls: bool,  # noqa: ANN001
+          ca: str | None):  # noqa: ANN202 - edge.mqtt.MqttSettings, imported lazily like everything here
+    """The central services' broker settings from their options (typer reads KWWK_MQTT_* for them)."""
+    from edge.mqtt import read_password_file
 
-
-def _secret(path: str | None) -> str | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_text().strip()
-    except OSError as err:
-        raise _fail(ValueError(f"cannot read the password file {path}: {err.strerror}")) from None
+    with cli_errors():
+        password = read_password_file(password_file) if password_file else None
+    return base.replace(host=host, port=port, username=username, password=password, tls=tls, ca_file=ca)
 
 
 def _run(coro_factory) -> None:  # noqa: ANN001
@@ -103,19 +100,15 @@ def _run(coro_factory) -> None:  # noqa: ANN001
 def _registry(cells: Path):  # noqa: ANN202
     from collector.registry import Registry
 
-    try:
+    with cli_errors():
         return Registry.from_dir(cells)
-    except ConfigError as err:
-        raise _fail(err) from None
 
 
 def _load_cell(path: Path):  # noqa: ANN202
     from edge.cell import load_cell
 
-    try:
+    with cli_errors():
         return load_cell(path)
-    except ConfigError as err:
-        raise _fail(err) from None
 
 
 @sim_app.command("run", epilog="Example: kwwk sim run --cell firmware_configs/cells/musterdorf.yaml")
@@ -144,29 +137,40 @@ def sim_run(cell: Annotated[list[Path], typer.Option("--cell", help="cell config
                                    "--gateway gw-musterdorf-1 --mqtt-host broker.example --mqtt-tls")
 def gateway_run(
     cell: CellOpt,
-    gateway: Annotated[str, typer.Option("--gateway", help="gateway id in the cell config", envvar="KWWK_GATEWAY")],
-    mqtt_host: MqttHost = "127.0.0.1", mqtt_port: MqttPort = 1883, mqtt_username: MqttUser = None,
-    mqtt_password_file: MqttPass = None, mqtt_tls: MqttTls = False, mqtt_ca: MqttCa = None,
-    outbox: Annotated[Path | None, typer.Option(help="outbox file (default var/gateway/<id>.sqlite)",
-                                                envvar="KWWK_OUTBOX")] = None,
-    health_port: Annotated[int, typer.Option(help="port of /healthz and /metrics", envvar="KWWK_HEALTH_PORT")] = 9102,
-    log_level: LogOpt = "INFO",
+    gateway: gs.GatewayOpt = None,
+    env_file: gs.EnvFileOpt = None,
+    mqtt_host: gs.MqttHostOpt = None, mqtt_port: gs.MqttPortOpt = None, mqtt_username: gs.MqttUserOpt = None,
+    mqtt_password_file: gs.MqttPassOpt = None, mqtt_tls: gs.MqttTlsOpt = None, mqtt_ca: gs.MqttCaOpt = None,
+    outbox: gs.OutboxOpt = None,
+    health_port: Annotated[int | None, typer.Option(help="port of /healthz and /metrics on 127.0.0.1 (default "
+                                                         "9102) [env: KWWK_HEALTH_PORT]", show_default=False)] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING (default INFO) [env: KWWK_LOG_LEVEL]",
+                                                  show_default=False)] = None,
+    print_settings: gs.PrintSettingsOpt = False,
 ) -> None:
-    """Poll the gateway's devices and publish their readings; nothing is lost while the uplink is down."""
-    from gateway.service import GatewayService
-    from gateway.uplink import BrokerSettings
-    from edge.obs import setup_logging
+    """Poll the gateway's devices and publish their readings; nothing is lost while the uplink is down.
 
-    setup_logging(log_level)
+    Each setting comes from its option, else the environment (KWWK_*), else the env file (default
+    /etc/kwwk/gateway.env when it exists), else the cell config, else its default: exactly what
+    `kwwk commission verify` checks. --print-settings shows the result and where each part came from.
+    """
+    from edge.obs import setup_logging
+    from gateway.service import GatewayService
+
     cfg = _load_cell(cell)
-    try:
-        gw = cfg.gateway(gateway)
-    except LookupError as err:
-        raise _fail(err) from None
-    broker = BrokerSettings(host=mqtt_host, port=mqtt_port, username=mqtt_username or gw.mqtt.username,
-                            password=_secret(mqtt_password_file or gw.mqtt.password_file), tls=mqtt_tls, ca_file=mqtt_ca)
-    service = GatewayService(cfg, gateway, broker, outbox or Path("var/gateway") / f"{gateway}.sqlite",
-                             health_port=health_port)
+    flags = gs.GatewayFlags(gateway=gateway, env_file=env_file, mqtt_host=mqtt_host, mqtt_port=mqtt_port,
+                         mqtt_username=mqtt_username, mqtt_password_file=mqtt_password_file, mqtt_tls=mqtt_tls,
+                         mqtt_ca=mqtt_ca, outbox=outbox, health_port=health_port, log_level=log_level)
+    with cli_errors():
+        settings = gs.resolve(cfg, flags)
+    if print_settings:
+        typer.echo(settings.to_json())
+        return
+    with cli_errors():
+        if settings.password_error:
+            raise SettingsError(settings.password_error)
+    setup_logging(settings.log_level)
+    service = GatewayService(cfg, settings.gateway, settings.mqtt, settings.outbox, health_port=settings.health_port)
     _run(service.run)
 
 
@@ -193,9 +197,8 @@ def collector_run(
 
     setup_logging(log_level)
     registry = _registry(cells)
-    settings = CollectorSettings(mqtt_host=mqtt_host, mqtt_port=mqtt_port, username=mqtt_username,
-                                 password=_secret(mqtt_password_file), tls=mqtt_tls, ca_file=mqtt_ca,
-                                 client_id=client_id, audit_interval_s=audit_interval,
+    mqtt = _mqtt(CollectorSettings().mqtt, mqtt_host, mqtt_port, mqtt_username, mqtt_password_file, mqtt_tls, mqtt_ca)
+    settings = CollectorSettings(mqtt=mqtt.replace(client_id=client_id), audit_interval_s=audit_interval,
                                  audit_grace_s=min(10.0, audit_interval), audit_retry_s=2 * audit_interval)
     influx = InfluxSettings(url=influx_url, api="v2" if influx_api == "v2" else "v1", database=influx_db,
                             bucket=influx_db, token=influx_token, org=influx_org)
@@ -225,15 +228,15 @@ def api_run(
     """Serve the residents' page (/), the public API, the operator API (token required), /healthz and /metrics."""
     import uvicorn
 
-    from collector.api.app import ApiSettings, create_app
+    from collector.api.app import API_MQTT, ApiSettings, create_app
     from collector.storage import InfluxSettings
     from edge.obs import setup_logging
 
     setup_logging(log_level)
     registry = _registry(cells)
     settings = ApiSettings(InfluxSettings(url=influx_url, database=influx_db, token=influx_token),
-                           mqtt_host=mqtt_host, mqtt_port=mqtt_port, mqtt_username=mqtt_username,
-                           mqtt_password=_secret(mqtt_password_file), mqtt_tls=mqtt_tls, mqtt_ca=mqtt_ca,
+                           mqtt=_mqtt(API_MQTT, mqtt_host, mqtt_port, mqtt_username, mqtt_password_file, mqtt_tls,
+                                      mqtt_ca),
                            tokens_file=tokens_file, public_rate_per_s=public_rate)
     uvicorn.run(create_app(registry, settings), host=host, port=port, log_config=None,
                 proxy_headers=forwarded_allow_ips is not None, forwarded_allow_ips=forwarded_allow_ips)
@@ -258,11 +261,9 @@ def demo(
     from edge.obs import setup_logging
 
     setup_logging(log_level)
-    try:
+    with cli_errors():
         d = Demo(cells, var, api_port=api_port, mqtt_port=mqtt_port, influx_port=influx_port, sim_speed=sim_speed,
                  history_hours=history)
-    except ConfigError as err:
-        raise _fail(err) from None
     _run(lambda stop: d.run(stop, duration))
 
 

@@ -18,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion
 
-from collector.api.app import ApiSettings, create_app
+from collector.api.app import API_MQTT, ApiSettings, create_app
 from collector.api.tokens import issue_token
 from collector.ingest import CollectorSettings
 from collector.registry import Registry
@@ -28,7 +28,7 @@ from edge.cell import load_cell
 from edge.sim import SimulatorServer
 from edge.telemetry import status_topic
 from gateway.service import GatewayService
-from gateway.uplink import BrokerSettings
+from gateway.settings import gateway_mqtt
 from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, with_free_ports
 from tests.helpers import wait_for
@@ -98,13 +98,14 @@ async def test_a_real_gateway_is_online_then_offline(tmp_path: Path, mosquitto: 
     sim = SimulatorServer([cfg])
     await sim.start()
     gw_stop, collector_stop = asyncio.Event(), asyncio.Event()
-    gw = GatewayService(cfg, "gw-tiny", BrokerSettings(port=mosquitto.port), tmp_path / "outbox.sqlite")
+    gw = GatewayService(cfg, "gw-tiny", gateway_mqtt(port=mosquitto.port), tmp_path / "outbox.sqlite")
     influx = InfluxSettings(url=influxdb.url, database=influxdb.database)
     collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2)
     tasks = [asyncio.create_task(gw.run(gw_stop)),
              asyncio.create_task(run_collector(collector, influx, registry, stop=collector_stop))]
     token = issue_token(tmp_path / "api-tokens", "ops")
-    app = create_app(registry, ApiSettings(influx, mqtt_port=mosquitto.port, tokens_file=tmp_path / "api-tokens"))
+    app = create_app(registry, ApiSettings(influx, mqtt=API_MQTT.replace(port=mosquitto.port),
+                                           tokens_file=tmp_path / "api-tokens"))
     try:
         async with _client(app, {"Authorization": f"Bearer {token}"}) as client:
 

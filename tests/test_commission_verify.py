@@ -26,13 +26,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.cell import CellConfig, load_cell
+from edge.messages import TIME_TOPIC, time_beacon_payload
+from edge.mqtt import MqttSettings
 from edge.profile import Profile, get_profile
 from edge.sim import SimClock, SimulatorServer
 from edge.sim.image import RegisterImage
-from gateway.commission.checks import BrokerTarget, MqttOutcome, clock_check
+from gateway.commission.checks import MqttOutcome, clock_check
 from gateway.commission.report import write_reports
 from gateway.commission.verify import VerifyReport, verify
-from edge.messages import TIME_TOPIC, time_beacon_payload
 from kwwk.deploy.broker import write_broker_files
 from kwwk.dev.localservers import Mosquitto, free_port
 
@@ -120,12 +121,12 @@ class Site:
     ca: Path
     secrets: Path
 
-    def target(self, **kw: Any) -> BrokerTarget:
+    def target(self, **kw: Any) -> MqttSettings:
         password = (self.secrets / f"{GW}.password").read_text().strip()
         args: dict[str, Any] = {"host": "127.0.0.1", "port": self.tls_port, "username": GW, "password": password,
                                 "tls": True, "ca_file": str(self.ca)}
         args.update(kw)
-        return BrokerTarget(**args)
+        return MqttSettings(**args)
 
     async def verify(self, cfg: CellConfig | None = None, **kw: Any) -> VerifyReport:
         args: dict[str, Any] = {"broker": self.target(), "outbox": self.tmp / "outbox" / "outbox.sqlite",

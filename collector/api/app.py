@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from collector.audit import BATCH_MEASUREMENT
 from collector.query import InfluxQL, QueryError, ident
 from collector.registry import Registry
 from collector.storage import InfluxSettings
+from edge.mqtt import MqttSettings
 
 __all__ = ["ApiSettings", "create_app"]
 
@@ -55,15 +56,18 @@ cached for a minute and limited per client address.
 """
 
 
+#: the API's broker connection: a clean session under a random id, so replicas never share state
+API_MQTT = MqttSettings(reconnect_min_s=0.5, reconnect_max_s=30.0)
+#: the connection fields ApiSettings took before `mqtt`, and their MqttSettings names
+_LEGACY_MQTT = {"mqtt_host": "host", "mqtt_port": "port", "mqtt_username": "username", "mqtt_password": "password",
+                "mqtt_tls": "tls", "mqtt_ca": "ca_file"}
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     influx: InfluxSettings
-    mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1883
-    mqtt_username: str | None = None
-    mqtt_password: str | None = None
-    mqtt_tls: bool = False
-    mqtt_ca: str | None = None
+    #: the broker, for the gateways' retained status (read with the `api` account: kwwk broker acl)
+    mqtt: MqttSettings = API_MQTT
     #: the hashed operator tokens (collector/api/tokens.py); None or a missing file: operators cannot log in
     tokens_file: Path | None = None
     #: subscribe to the gateways' retained status (online/offline) while serving
@@ -74,14 +78,25 @@ class ApiSettings:
     public_cache_s: float = 60.0
     #: seconds since the epoch; tests and benchmarks pin it
     clock: Callable[[], float] = field(default=time.time, compare=False)
+    # until every caller passes `mqtt=` (tests, the demo): the connection fields as they were (None: not given)
+    mqtt_host: InitVar[str | None] = None
+    mqtt_port: InitVar[int | None] = None
+    mqtt_username: InitVar[str | None] = None
+    mqtt_password: InitVar[str | None] = None
+    mqtt_tls: InitVar[bool | None] = None
+    mqtt_ca: InitVar[str | None] = None
+
+    def __post_init__(self, *legacy: Any) -> None:
+        given = {_LEGACY_MQTT[name]: v for name, v in zip(_LEGACY_MQTT, legacy, strict=True) if v is not None}
+        if given:
+            object.__setattr__(self, "mqtt", self.mqtt.replace(**given))
 
 
 def create_app(registry: Registry, settings: ApiSettings) -> FastAPI:
     metrics = CollectorRegistry()
     db = InfluxQL(settings.influx)
     tokens = TokenStore(settings.tokens_file)
-    watcher = StatusWatcher(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username, settings.mqtt_password,
-                            settings.mqtt_tls, settings.mqtt_ca) if settings.watch_status else None
+    watcher = StatusWatcher(settings.mqtt) if settings.watch_status else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -113,7 +128,7 @@ def create_app(registry: Registry, settings: ApiSettings) -> FastAPI:
     async def healthz() -> JSONResponse:
         """Broker, database, and the last telemetry of every gateway; 503 when degraded."""
         db_ok = await db.ping()
-        broker_ok = await _tcp_ok(settings.mqtt_host, settings.mqtt_port)
+        broker_ok = await _tcp_ok(settings.mqtt.host, settings.mqtt.port)
         gateways: dict[str, Any] = {}
         if db_ok:
             try:

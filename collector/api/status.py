@@ -7,58 +7,42 @@ client id, so several API replicas never share state, and nothing is queued whil
 
 from __future__ import annotations
 
-import json
-import secrets
-import ssl
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.messages import MessageError, StatusMessage
+from edge.mqtt import MqttSettings, connect_kwargs, paho_client
 from edge.telemetry import TOPIC_ROOT, parse_topic
 
-__all__ = ["GatewayStatus", "StatusWatcher"]
+__all__ = ["StatusWatcher"]
 
 log = structlog.get_logger("kwwk.api.status")
 
 
-@dataclass(frozen=True)
-class GatewayStatus:
-    state: str  # online | offline | whatever a gateway said, lower-cased
-    ts: int | None  # when the gateway said it (ms)
-    outbox_readings: int | None  # when the gateway reports it in its status
-
-
 class StatusWatcher:
-    def __init__(self, host: str, port: int, username: str | None = None, password: str | None = None,
-                 tls: bool = False, ca_file: str | None = None) -> None:
-        self.host, self.port = host, port
+    def __init__(self, settings: MqttSettings) -> None:
+        # a clean session under a random id (settings.session_expiry_s 0, client_id ""), see the module's doc
+        self.settings = settings
         self.connected = False
         self._lock = threading.Lock()
-        self._status: dict[tuple[str, str], GatewayStatus] = {}
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kwwk-api-{secrets.token_hex(4)}",
-                                   protocol=mqtt.MQTTv5)
-        if username:
-            self._client.username_pw_set(username, password)
-        if tls:
-            self._client.tls_set_context(ssl.create_default_context(cafile=ca_file))
+        self._status: dict[tuple[str, str], StatusMessage] = {}
+        self._client = paho_client(settings, client_id_prefix="kwwk-api")
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(0.5, 30)
 
     def start(self) -> None:
-        self._client.connect_async(self.host, self.port, keepalive=30, clean_start=True)
+        self._client.connect_async(**connect_kwargs(self.settings))
         self._client.loop_start()
 
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def get(self, cell: str, gateway: str) -> GatewayStatus | None:
+    def get(self, cell: str, gateway: str) -> StatusMessage | None:
         with self._lock:
             return self._status.get((cell, gateway))
 
@@ -82,14 +66,9 @@ class StatusWatcher:
                 self._status.pop(key, None)
             return
         try:
-            body = json.loads(msg.payload)
-            state = str(body["state"]).lower()[:32]
-            ts = body.get("ts")
-            depth = body.get("outbox_readings")
-            status = GatewayStatus(state, int(ts) if isinstance(ts, int | float) else None,
-                                   int(depth) if isinstance(depth, int | float) and depth >= 0 else None)
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable gateway status", topic=msg.topic)
+            body = StatusMessage.parse(msg.payload)
+        except MessageError as err:
+            log.warning("unreadable gateway status", topic=msg.topic, error=str(err))
             return
         with self._lock:
-            self._status[key] = status
+            self._status[key] = body

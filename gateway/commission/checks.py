@@ -1,7 +1,7 @@
 """The gateway-side checks of `kwwk commission verify`: broker (TLS, credentials, ACL), clock, outbox.
 
-Broker: one MQTT v5 session with the gateway's own credentials (under a client id of its own, so a
-running gateway keeps its session). A QoS 1 publish to the gateway's status topic must be
+Broker: one MQTT v5 session with the gateway's own settings (gateway/settings.py resolves them as `gateway
+run` does), under a client id of its own and without a persistent session, so a running gateway keeps its. A QoS 1 publish to the gateway's status topic must be
 acknowledged with a success reason code: Mosquitto answers an ACL denial with PUBACK 0x87 (Not
 authorized), which is exactly what the gateway's uplink would meet. A publish outside the gateway's
 tree must be refused, or the broker runs without the ACL.
@@ -16,7 +16,6 @@ offset = now - (beacon ts + (expiry - remaining)), good to about a second. `time
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import pwd
@@ -33,12 +32,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edge.telemetry import SCHEMA, TOPIC_ROOT, status_topic
+from edge.messages import TIME_TOPIC, MessageError, StatusMessage, TimeBeacon
+from edge.mqtt import MqttSettings, connect_kwargs, paho_client
+from edge.telemetry import TOPIC_ROOT, status_topic
 from gateway.commission.common import Status
-from kwwk.deploy.broker import TIME_TOPIC
 
 __all__ = [
-    "BrokerTarget", "Check", "MqttOutcome", "broker_checks", "clock_check", "mqtt_session", "outbox_check",
+    "Check", "MqttOutcome", "broker_checks", "clock_check", "mqtt_session", "outbox_check",
     "secrets_check", "system_time_state",
 ]
 
@@ -55,24 +55,6 @@ class Check:
     details: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class BrokerTarget:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    tls: bool = True
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    def tls_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        if self.cert_file:
-            ctx.load_cert_chain(self.cert_file, self.key_file)
-        return ctx
-
-
 @dataclass
 class MqttOutcome:
     connected: bool = False
@@ -85,28 +67,20 @@ class MqttOutcome:
     beacon_error: str | None = None
 
 
-def mqtt_session(target: BrokerTarget, cell: str, gateway: str, *, timeout: float = 5.0, beacon_wait: float = 3.0,
+def mqtt_session(target: MqttSettings, cell: str, gateway: str, *, timeout: float = 5.0, beacon_wait: float = 3.0,
                  now: Callable[[], float] = time.time) -> MqttOutcome:
     """Connect as the gateway, read the time beacon, publish to the status topic and outside the tree.
 
     Blocking (paho's network thread); run it with asyncio.to_thread.
     """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-    from paho.mqtt.properties import Properties  # noqa: F401 - paho types
-
     out = MqttOutcome()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kwwk-verify-{gateway}-{uuid.uuid4().hex[:6]}",
-                         protocol=mqtt.MQTTv5)
+    probe = target.replace(client_id="", session_expiry_s=0)  # the gateway's own session is left alone
+    try:
+        client = paho_client(probe, client_id_prefix=f"kwwk-verify-{gateway}")
+    except (OSError, ssl.SSLError) as err:
+        out.error, out.error_kind = f"cannot load the TLS files: {err}", "tls"
+        return out
     client.connect_timeout = timeout
-    if target.username:
-        client.username_pw_set(target.username, target.password)
-    if target.tls:
-        try:
-            client.tls_set_context(target.tls_context())
-        except (OSError, ssl.SSLError) as err:
-            out.error, out.error_kind = f"cannot load the TLS files: {err}", "tls"
-            return out
     connack = threading.Event()
     beacon = threading.Event()
     acks: dict[int, tuple[int | None, str]] = {}
@@ -124,10 +98,10 @@ def mqtt_session(target: BrokerTarget, cell: str, gateway: str, *, timeout: floa
             return
         received = now()
         try:
-            payload = json.loads(msg.payload)
+            payload = TimeBeacon.parse(msg.payload).model_dump(by_alias=True)
             remaining = getattr(msg.properties, "MessageExpiryInterval", None) if msg.properties else None
             out.beacon = {**payload, "remaining": remaining, "received": received}
-        except ValueError:
+        except MessageError:
             out.beacon_error = f"unreadable time beacon: {msg.payload[:80]!r}"
         beacon.set()
 
@@ -147,7 +121,7 @@ def mqtt_session(target: BrokerTarget, cell: str, gateway: str, *, timeout: floa
     client.on_publish = on_publish
     client.on_disconnect = on_disconnect
     try:
-        client.connect(target.host, target.port, keepalive=30)
+        client.connect(**connect_kwargs(probe))
     except ssl.SSLError as err:
         out.error, out.error_kind = f"TLS handshake with {target.host}:{target.port} failed: {err.reason or err}", "tls"
         return out
@@ -169,8 +143,7 @@ def mqtt_session(target: BrokerTarget, cell: str, gateway: str, *, timeout: floa
         client.subscribe(TIME_TOPIC, qos=1)
         if not beacon.wait(beacon_wait) and out.beacon is None and out.beacon_error is None:
             out.beacon_error = f"no retained time beacon on {TIME_TOPIC} within {beacon_wait:g} s"
-        payload = json.dumps({"schema": SCHEMA, "cell": cell, "gateway": gateway, "state": "commissioning",
-                              "ts": int(now() * 1000), "by": "kwwk commission verify"}).encode()
+        payload = StatusMessage.now(cell, gateway, "commissioning", by="kwwk commission verify", now=now()).to_bytes()
         for topic, body in ((status_topic(cell, gateway), payload),
                             (f"{TOPIC_ROOT}/_commission/{gateway}/denied", b"acl probe: must be refused")):
             info = client.publish(topic, body, qos=1)
@@ -186,7 +159,7 @@ def mqtt_session(target: BrokerTarget, cell: str, gateway: str, *, timeout: floa
         client.loop_stop()
 
 
-def broker_checks(out: MqttOutcome, target: BrokerTarget, cell: str, gateway: str, *,
+def broker_checks(out: MqttOutcome, target: MqttSettings, cell: str, gateway: str, *,
                   require_tls: bool = True, password_file: str | None = None) -> list[Check]:
     """The 'broker' and 'acl' checks from one MQTT session."""
     where = f"{target.host}:{target.port}"

@@ -16,11 +16,12 @@ from typing import Annotated, Any
 
 import typer
 
+from edge.errors import cli_errors, fail
+from gateway import settings as gs  # the gateway's options: `gateway run` and `commission verify` share them
+
 app = typer.Typer(help="Commissioning on site: scan a bus, probe a device, verify a gateway, write a report.",
                   no_args_is_help=True, epilog="Example: kwwk commission scan --host 192.168.1.50")
 
-DEFAULT_ENV_FILE = Path("/etc/kwwk/gateway.env")
-PI_OUTBOX = Path("/var/lib/kwwk/outbox.sqlite")
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
 
@@ -28,11 +29,6 @@ def _quiet_libraries() -> None:
     """The commands report every failure themselves; the libraries' own logs would only repeat them."""
     for name in ("pymodbus", "edge.modbus"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def _fail(msg: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
 
 
 class _RichProgress:
@@ -110,15 +106,15 @@ def scan(
 
     _quiet_libraries()
     if (host is None) == (serial_port is None):
-        raise _fail("give either --host (Modbus TCP) or --serial-port (RS-485)")
+        fail("give either --host (Modbus TCP) or --serial-port (RS-485)")
     try:
         unit_ids = parse_units(units)
         quick = parse_units(quick_units)
     except ValueError as err:
-        raise _fail(str(err)) from None
+        fail(str(err))
     parities = [p.upper() for p in (parity or COMMON_PARITIES)]
     if any(p not in ("N", "E", "O") for p in parities) or stopbits not in (1, 2):
-        raise _fail("parity must be N, E or O and stopbits 1 or 2")
+        fail("parity must be N, E or O and stopbits 1 or 2")
     err_console = Console(stderr=True)
     out = Console(soft_wrap=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -136,8 +132,8 @@ def scan(
                     stopbits=stopbits, timeout=timeout or 0.2, quick_units=quick, all_settings=all_settings,
                     thorough=thorough, identify_devices=identify, guess=guess, progress=progress))  # type: ignore[arg-type]
     except LineDown as err:
-        raise _fail(f"{err}: check the host and port, or the serial port name and that no other program holds it "
-                    "(sudo systemctl stop kwwk-gateway)", 1) from None
+        fail(f"{err}: check the host and port, or the serial port name and that no other program holds it "
+             "(sudo systemctl stop kwwk-gateway)", 1)
     if not results:
         tried = f"{', '.join(map(str, baud or COMMON_BAUDRATES))} baud, parity {'/'.join(parities)}"
         out.print(f"[bold red]no device answered[/] on {serial_port} at {tried} (unit ids {quick_units} were tried). "
@@ -208,35 +204,30 @@ def probe(
     from edge.cell import load_cell
     from edge.modbus import LineSpec, ModbusLine
     from edge.profile import get_profile
-    from edge.yamlio import ConfigError
     from gateway.commission.probe import probe_device
 
     _quiet_libraries()
     out = Console(soft_wrap=True)
     if cell is not None:
         if not device:
-            raise _fail("--cell needs --device")
-        try:
+            fail("--cell needs --device")
+        with cli_errors(LookupError):
             cfg = load_cell(cell)
             dev = cfg.device(device)
-        except (ConfigError, LookupError) as err:
-            raise _fail(str(err)) from None
         gw = next(g for g, d in cfg.devices() if d.id == dev.id)
         spec, unit = cfg.line_spec(gw, dev)
         prof = cfg.profiles[dev.id]
         label = dev.name or dev.id
     else:
         if profile is None or (host is None) == (serial_port is None):
-            raise _fail("give --profile and either --host or --serial-port (or --cell and --device)")
-        try:
+            fail("give --profile and either --host or --serial-port (or --cell and --device)")
+        with cli_errors(LookupError):
             prof = get_profile(profile)
-        except LookupError as err:
-            raise _fail(str(err)) from None
         if host is not None:
             spec = LineSpec(kind="rtu_over_tcp" if rtu_over_tcp else "tcp", host=host, port=port, timeout=timeout)
         else:
             if parity.upper() not in ("N", "E", "O"):
-                raise _fail("parity must be N, E or O")
+                fail("parity must be N, E or O")
             spec = LineSpec(kind="rtu", serial_port=serial_port, baudrate=baud, parity=parity.upper(),
                             stopbits=stopbits, timeout=timeout)
         label = f"unit {unit}"
@@ -245,7 +236,7 @@ def probe(
         names = [n.strip() for n in points.split(",") if n.strip()]
         unknown = [n for n in names if n not in prof.by_name]
         if unknown:
-            raise _fail(f"profile {prof.id} has no point(s) {', '.join(unknown)}")
+            fail(f"profile {prof.id} has no point(s) {', '.join(unknown)}")
         selected = [prof.by_name[n] for n in names]
 
     async def run() -> Any:
@@ -289,45 +280,20 @@ def _print_probe(out: Any, probe: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- verify
 
-def _env_file(path: Path | None) -> dict[str, str]:
-    """KEY=VALUE lines of the gateway's environment file (comments, blanks and quotes handled)."""
-    target = path if path is not None else (DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None)
-    if target is None:
-        return {}
-    if not target.is_file():
-        raise _fail(f"environment file {target} does not exist")
-    values: dict[str, str] = {}
-    for raw in target.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
-
-
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
 @app.command("verify", epilog="Example: kwwk commission verify --cell /etc/kwwk/cell.yaml --gateway gw-musterdorf-1 "
                               "--technician 'A. Weber'   (reads /etc/kwwk/gateway.env when present)")
 def verify(
     cell: Annotated[Path, typer.Option(help="cell config file", exists=True, dir_okay=False)],
-    gateway: Annotated[str | None, typer.Option(help="gateway id in the cell config", envvar="KWWK_GATEWAY")] = None,
-    env_file: Annotated[Path | None, typer.Option(help="the gateway's environment file (default "
-                                                       "/etc/kwwk/gateway.env when it exists)")] = None,
-    mqtt_host: Annotated[str | None, typer.Option("--mqtt-host", envvar="KWWK_MQTT_HOST")] = None,
-    mqtt_port: Annotated[int | None, typer.Option("--mqtt-port", envvar="KWWK_MQTT_PORT")] = None,
-    mqtt_username: Annotated[str | None, typer.Option("--mqtt-username", envvar="KWWK_MQTT_USERNAME")] = None,
-    mqtt_password_file: Annotated[str | None, typer.Option("--mqtt-password-file", envvar="KWWK_MQTT_PASSWORD_FILE")]
-    = None,
-    mqtt_tls: Annotated[bool | None, typer.Option("--mqtt-tls/--no-mqtt-tls", envvar="KWWK_MQTT_TLS")] = None,
-    mqtt_ca: Annotated[str | None, typer.Option("--mqtt-ca", envvar="KWWK_MQTT_CA")] = None,
+    gateway: gs.GatewayOpt = None,
+    env_file: gs.EnvFileOpt = None,
+    mqtt_host: gs.MqttHostOpt = None,
+    mqtt_port: gs.MqttPortOpt = None,
+    mqtt_username: gs.MqttUserOpt = None,
+    mqtt_password_file: gs.MqttPassOpt = None,
+    mqtt_tls: gs.MqttTlsOpt = None,
+    mqtt_ca: gs.MqttCaOpt = None,
     allow_plain: Annotated[bool, typer.Option(help="accept plain MQTT (a lab broker without TLS)")] = False,
-    outbox: Annotated[Path | None, typer.Option(help="the gateway's outbox (default /var/lib/kwwk/outbox.sqlite on "
-                                                     "an installed Pi, else var/gateway/<id>.sqlite)",
-                                                envvar="KWWK_OUTBOX")] = None,
+    outbox: gs.OutboxOpt = None,
     pause: Annotated[float, typer.Option(help="seconds between the two reads of each device (frozen counters)")]
     = 5.0,
     clock_max_offset: Annotated[float, typer.Option(help="allowed clock offset against the central clock, "
@@ -339,61 +305,41 @@ def verify(
     = Path("var/commission"),
     technician: Annotated[str | None, typer.Option(help="who commissions (goes into the report)")] = None,
     service_user: Annotated[str, typer.Option(help="user the gateway service runs as (outbox ownership)")] = "kwwk",
+    print_settings: gs.PrintSettingsOpt = False,
 ) -> None:
     """Check a gateway end to end and write the commissioning report.
 
     Devices reachable, identified and plausible; the MQTT password file in place; the broker reached
     over TLS with the gateway's credentials and its ACL letting it publish its status (and nothing
     else); the clock within --clock-max-offset of the central server (time beacon, or NTP state);
-    the outbox writable with enough disk. Each check passes or fails with the fix to try. Options
-    not given come from the environment (KWWK_*) and then from the gateway's environment file.
+    the outbox writable with enough disk. Each check passes or fails with the fix to try. Broker,
+    account and outbox are resolved exactly as `kwwk gateway run` resolves them: options, then the
+    environment (KWWK_*), then the gateway's environment file, then the cell config.
     Exit code 0 when nothing failed, 1 otherwise.
     """
     from rich.console import Console
     from rich.table import Table
 
     from edge.cell import load_cell
-    from edge.yamlio import ConfigError
-    from gateway.commission.checks import BrokerTarget
     from gateway.commission.report import write_reports
     from gateway.commission.verify import verify as run_verify
 
     _quiet_libraries()
     out = Console(soft_wrap=True)
-    env = _env_file(env_file)
-    try:
+    flags = gs.GatewayFlags(gateway=gateway, env_file=env_file, mqtt_host=mqtt_host, mqtt_port=mqtt_port,
+                         mqtt_username=mqtt_username, mqtt_password_file=mqtt_password_file, mqtt_tls=mqtt_tls,
+                         mqtt_ca=mqtt_ca, outbox=outbox)
+    with cli_errors():
         cfg = load_cell(cell)
-    except ConfigError as err:
-        raise _fail(str(err)) from None
-    gateway = gateway or env.get("KWWK_GATEWAY")
-    if gateway is None:
-        if len(cfg.gateways) != 1:
-            raise _fail(f"give --gateway: the cell has {', '.join(g.id for g in cfg.gateways)}")
-        gateway = cfg.gateways[0].id
-    try:
-        gw = cfg.gateway(gateway)
-    except LookupError as err:
-        raise _fail(str(err)) from None
-    host = mqtt_host or env.get("KWWK_MQTT_HOST") or "127.0.0.1"
-    tls = mqtt_tls if mqtt_tls is not None else _truthy(env.get("KWWK_MQTT_TLS", "true"))
-    port = mqtt_port or int(env.get("KWWK_MQTT_PORT") or (8883 if tls else 1883))
-    username = mqtt_username or env.get("KWWK_MQTT_USERNAME") or gw.mqtt.username or gw.id
-    password_file = mqtt_password_file or env.get("KWWK_MQTT_PASSWORD_FILE") or gw.mqtt.password_file
-    ca = mqtt_ca or env.get("KWWK_MQTT_CA") or None
-    password = None
-    if password_file and Path(password_file).is_file():
-        try:
-            password = Path(password_file).read_text().strip()
-        except OSError:
-            password = None  # the secrets check says why
-    outbox_path = outbox or (Path(env["KWWK_OUTBOX"]) if env.get("KWWK_OUTBOX") else None)
-    if outbox_path is None:
-        outbox_path = PI_OUTBOX if PI_OUTBOX.parent.is_dir() else Path("var/gateway") / f"{gw.id}.sqlite"
-    target = BrokerTarget(host, port, username, password, tls, ca)
-
-    with out.status(f"verifying {gw.id}: {len(gw.devices)} device(s), broker {host}:{port}, clock, outbox"):
+        settings = gs.resolve(cfg, flags)
+    if print_settings:
+        typer.echo(settings.to_json())
+        return
+    gw = cfg.gateway(settings.gateway)
+    target = settings.mqtt
+    with out.status(f"verifying {gw.id}: {len(gw.devices)} device(s), broker {target.address}, clock, outbox"):
         report = asyncio.run(run_verify(
-            cfg, gw.id, broker=target, outbox=outbox_path, password_file=password_file, pause=pause,
+            cfg, gw.id, broker=target, outbox=settings.outbox, password_file=settings.password_file, pause=pause,
             clock_max_offset=clock_max_offset, min_free_mb=min_free_mb, require_tls=not allow_plain,
             beacon_wait=beacon_wait, technician=technician, service_user=service_user))
     table = Table(title=f"{cfg.cell.name} / {gw.id}", title_justify="left")

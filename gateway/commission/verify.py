@@ -28,8 +28,8 @@ from pathlib import Path
 
 from edge.cell import CellConfig, Device, Gateway
 from edge.modbus import LineRegistry, LineSpec
+from edge.mqtt import MqttSettings
 from gateway.commission.checks import (
-    BrokerTarget,
     Check,
     broker_checks,
     clock_check,
@@ -53,7 +53,7 @@ class VerifyReport:
     host: str = field(default_factory=socket.gethostname)
     checks: list[Check] = field(default_factory=list)
     devices: list[tuple[Device, LineSpec, DeviceProbe]] = field(default_factory=list)
-    broker: BrokerTarget | None = None
+    broker: MqttSettings | None = None
     outbox: Path | None = None
 
     @property
@@ -88,12 +88,15 @@ def _service_running(name: str = "kwwk-gateway") -> bool | None:
     return res.returncode == 0
 
 
-async def verify(cfg: CellConfig, gateway_id: str, *, broker: BrokerTarget, outbox: Path,
+async def verify(cfg: CellConfig, gateway_id: str, *, broker: MqttSettings, outbox: Path,
                  password_file: str | None = None, pause: float = 5.0, clock_max_offset: float = 10.0,
                  min_free_mb: float | None = None, require_tls: bool = True, now: Callable[[], float] = time.time,
                  beacon_wait: float = 3.0, technician: str | None = None, service_user: str | None = "kwwk",
                  time_state: dict | None = None, check_service: bool = True) -> VerifyReport:
-    """Run every check for one gateway; never raises for a failed check (see VerifyReport.status)."""
+    """Run every check for one gateway; never raises for a failed check (see VerifyReport.status).
+
+    `broker`, `outbox` and `password_file` are what the gateway runs with: gateway.settings.resolve() gives them.
+    """
     gw = cfg.gateway(gateway_id)
     report = VerifyReport(cfg, gw, datetime.now(UTC), technician=technician, broker=broker, outbox=Path(outbox))
     report.checks.append(Check("config", "pass", f"{cfg.source or 'cell config'}: cell {cfg.cell.id!r}, gateway "
@@ -131,8 +134,7 @@ async def verify(cfg: CellConfig, gateway_id: str, *, broker: BrokerTarget, outb
     report.checks.extend(broker_checks(session, broker, cfg.cell.id, gw.id, require_tls=require_tls,
                                        password_file=password_file))
     report.checks.append(clock_check(session, max_offset=clock_max_offset, now=now, state=time_state))
-    max_mb = float(getattr(getattr(gw, "outbox", None), "max_mb", 512))
-    report.checks.append(outbox_check(Path(outbox), max_mb=max_mb, min_free_mb=min_free_mb,
+    report.checks.append(outbox_check(Path(outbox), max_mb=gw.outbox.max_mb, min_free_mb=min_free_mb,
                                       service_user=service_user))
     report.finished = datetime.now(UTC)
     return report

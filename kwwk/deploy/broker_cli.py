@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from edge.errors import cli_errors, fail
+
 app = typer.Typer(help="Broker security generated from the cell registry.", no_args_is_help=True,
                   epilog="Example: kwwk broker acl --cells firmware_configs/cells --out var/broker")
 
@@ -38,16 +40,12 @@ def acl(
     passwords. Hand each gateway its secret file; reload Mosquitto (SIGHUP) after a change.
     """
     from edge.cell import load_cells
-    from edge.yamlio import ConfigError
     from kwwk.deploy.broker import write_broker_files
 
-    try:
+    with cli_errors(ValueError):
         registry = load_cells(cells)
         summary = write_broker_files(registry, out, secrets, collectors=collector or ["collector"],
                                      rotate=rotate or [], iterations=iterations)
-    except (ConfigError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"wrote {summary.password_file} and {summary.acl_file}")
     for label, names in (("new password", summary.created), ("kept", summary.kept),
                          ("re-hashed from its secret file", summary.rehashed), ("rotated", summary.rotated),
@@ -81,24 +79,20 @@ def beacon(
     `kwwk commission verify` on a gateway reads the beacon and corrects for its age with the
     remaining Message Expiry Interval Mosquitto sends along, so the check needs no NTP on site.
     """
-    import ssl
     import threading
     import time
 
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     from edge.messages import TIME_TOPIC, time_beacon_payload
+    from edge.mqtt import MqttSettings, connect_kwargs, paho_client, read_password_file
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kwwk-beacon-{int(time.time())}",
-                         protocol=mqtt.MQTTv5)
-    if mqtt_username:
-        password = mqtt_password_file.read_text().strip() if mqtt_password_file else None
-        client.username_pw_set(mqtt_username, password)
-    if mqtt_tls:
-        client.tls_set_context(ssl.create_default_context(cafile=mqtt_ca))
+    with cli_errors(OSError):
+        password = read_password_file(mqtt_password_file) if mqtt_username and mqtt_password_file else None
+        settings = MqttSettings(host=mqtt_host, port=mqtt_port, username=mqtt_username, password=password,
+                                tls=mqtt_tls, ca_file=mqtt_ca)
+        client = paho_client(settings, client_id_prefix="kwwk-beacon")
     acked = threading.Event()
     result: dict[str, object] = {}
 
@@ -115,29 +109,23 @@ def beacon(
     client.on_publish = on_publish
     client.on_connect = on_connect
     try:
-        client.connect(mqtt_host, mqtt_port, keepalive=30)
+        client.connect(**connect_kwargs(settings))
     except OSError as err:
-        typer.secho(f"error: cannot reach the broker at {mqtt_host}:{mqtt_port}: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        fail(f"cannot reach the broker at {settings.address}: {err}", 1)
     client.loop_start()
     try:
         if not connected.wait(10) or getattr(result.get("connack"), "is_failure", True):
-            typer.secho(f"error: the broker refused the connection: {result.get('connack', 'no answer')}",
-                        fg=typer.colors.RED, err=True)
-            raise typer.Exit(1)
+            fail(f"the broker refused the connection: {result.get('connack', 'no answer')}", 1)
         while True:
             props = Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = expiry
             acked.clear()
             client.publish(TIME_TOPIC, time_beacon_payload(expiry), qos=1, retain=True, properties=props)
             if not acked.wait(10):
-                typer.secho("error: the broker did not acknowledge the beacon", fg=typer.colors.RED, err=True)
-                raise typer.Exit(1)
+                fail("the broker did not acknowledge the beacon", 1)
             reason = result.get("reason")
             if getattr(reason, "is_failure", False):
-                typer.secho(f"error: the broker refused the beacon: {reason} (does the ACL let this account write "
-                            f"{TIME_TOPIC}?)", fg=typer.colors.RED, err=True)
-                raise typer.Exit(1)
+                fail(f"the broker refused the beacon: {reason} (does the ACL let this account write {TIME_TOPIC}?)", 1)
             if interval <= 0:
                 typer.echo(f"published the time beacon on {TIME_TOPIC}")
                 return
