@@ -9,43 +9,45 @@ its per-client limit and around its own restart); the gateway still keeps them i
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
 import structlog
 
+from collector.encode import BATCH_MEASUREMENT
 from collector.metrics import CollectorMetrics
-from collector.query import ident
-from collector.storage import InfluxSettings
-from edge.telemetry import ResendRequest, resend_topic
+from collector.query import BlockingInfluxQL, QueryError, Series, ident
+from edge.backoff import Backoff
+from edge.messages import ResendRequest
+from edge.telemetry import resend_topic
 
-__all__ = ["GapAuditor"]
+__all__ = ["BATCH_MEASUREMENT", "GapAuditor"]
 
 log = structlog.get_logger("kwwk.collector.audit")
-BATCH_MEASUREMENT = "kwwk_batches"
 Key = tuple[str, str, str]  # cell, gateway, stream
 
 
 @dataclass
 class _Gap:
-    noticed: float
-    requested: float = 0.0
+    backoff: Backoff
+    due: float  # when to ask (again)
     tries: int = 0
 
 
 @dataclass
 class GapAuditor:
-    influx: InfluxSettings
+    db: BlockingInfluxQL
     publish: Callable[[str, bytes], None]
     metrics: CollectorMetrics
     window_s: int = 3600
     grace_s: float = 10.0
-    retry_s: float = 30.0
+    retry_s: float = 30.0  # the first wait between requests for one gap; it doubles (jittered) up to 4x
     max_tries: int = 20
     gaps: dict[tuple[Key, int], _Gap] = field(default_factory=dict)
     available: bool = True
+    _rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def stored_seqs(self) -> tuple[dict[Key, set[int]], set[Key]]:
         """Sequence numbers stored within the window, and the streams that already existed before it."""
@@ -53,29 +55,27 @@ class GapAuditor:
         recent = f"SELECT {ident('seq')} FROM {ident(BATCH_MEASUREMENT)} WHERE time > now() - {int(self.window_s)}s {group}"
         older = (f"SELECT last({ident('seq')}) FROM {ident(BATCH_MEASUREMENT)} "
                  f"WHERE time <= now() - {int(self.window_s)}s {group}")
-        headers = {"Authorization": f"Token {self.influx.token}"} if self.influx.token else {}
-        auth = (self.influx.username, self.influx.password or "") if self.influx.username else None
-        r = httpx.post(f"{self.influx.url}/query", data={"db": self.influx.database, "q": f"{recent};{older}"},
-                       headers=headers, auth=auth, timeout=self.influx.timeout_s)
-        r.raise_for_status()
-        results = r.json().get("results", [])
-        for result in results:
-            if "error" in result:
-                raise httpx.HTTPError(result["error"])
+        results = self.db.query(recent, older)
 
-        def keyed(result: dict) -> dict[Key, list[list[object]]]:
-            return {(s.get("tags", {}).get("cell", ""), s.get("tags", {}).get("gateway", ""),
-                     s.get("tags", {}).get("stream", "")): s["values"] for s in result.get("series", [])}
+        def keyed(result: list[Series]) -> dict[Key, list[list[object]]]:
+            return {(s.tags.get("cell", ""), s.tags.get("gateway", ""), s.tags.get("stream", "")): s.values
+                    for s in result}
 
         seqs = {k: {int(v[1]) for v in values} for k, values in keyed(results[0]).items()}  # type: ignore[call-overload]
         return seqs, set(keyed(results[1]) if len(results) > 1 else {})
+
+    def run(self, stop: threading.Event, interval_s: float, ready: Callable[[], bool]) -> None:
+        """Audit every `interval_s` while `ready()` (connected to the broker), until `stop` is set."""
+        while not stop.wait(interval_s):
+            if ready():
+                self.run_once()
 
     def run_once(self, now: float | None = None) -> int:
         """One audit; returns how many sequence numbers were requested again."""
         now = now or time.time()
         try:
             stored, old_streams = self.stored_seqs()
-        except (httpx.HTTPError, ValueError) as err:
+        except QueryError as err:
             if self.available:
                 log.warning("cannot audit sequence numbers: the database does not answer InfluxQL", error=str(err))
             self.available = False
@@ -98,20 +98,18 @@ class GapAuditor:
                 live.add((key, seq))
                 gap = self.gaps.get((key, seq))
                 if gap is None:
-                    gap = self.gaps[(key, seq)] = _Gap(now)
+                    gap = self.gaps[(key, seq)] = _Gap(Backoff(self.retry_s, 4 * self.retry_s, rng=self._rng),
+                                                        now + self.grace_s)
                     self.metrics.seq_gaps.labels(key[0], key[1]).inc()
                     log.warning("sequence gap", cell=key[0], gateway=key[1], stream=key[2], seq=seq)
-                if now - gap.noticed >= self.grace_s and now - gap.requested >= self.retry_s:
-                    if gap.tries >= self.max_tries:
-                        continue
-                    gap.requested, gap.tries = now, gap.tries + 1
+                if now >= gap.due and gap.tries < self.max_tries:
+                    gap.due, gap.tries = now + gap.backoff.failure(), gap.tries + 1
                     due.append(seq)
             # in a new order each time: a shared subscription deals messages round robin, and a dead replica's
             # session keeps its turn until it expires; the same order could hand it the same batch every time
             random.shuffle(due)
             for chunk in (due[i:i + 1000] for i in range(0, len(due), 1000)):
-                self.publish(resend_topic(key[0], key[1]), ResendRequest(stream=key[2], seqs=chunk).model_dump_json()
-                             .encode())
+                self.publish(resend_topic(key[0], key[1]), ResendRequest(stream=key[2], seqs=chunk).to_bytes())
                 requested += len(chunk)
                 log.info("asked a gateway to resend", cell=key[0], gateway=key[1], seqs=len(chunk))
         for k in list(self.gaps):
