@@ -30,7 +30,7 @@ async def run_collector(settings: CollectorSettings, influx: InfluxSettings, reg
     health = HealthServer(ingest.metrics.registry, ingest.health, health_host, health_port)
     await health.start()
     ingest.start()
-    log.info("collector started", client_id=settings.client_id, influx=influx.url, api=influx.api,
+    log.info("collector started", client_id=ingest.mqtt.client_id, influx=influx.url, api=influx.api,
              cells=sorted(registry.cells), health=f"http://{health_host}:{health.port}/healthz")
     try:
         await stop.wait()
