@@ -12,18 +12,13 @@ from typing import Annotated
 import typer
 
 from dashboards.folders import JSON_DIR
-from edge.yamlio import ConfigError
+from edge.errors import cli_errors, fail
 
 app = typer.Typer(help="Grafana dashboards as code, built from the cell registry.", no_args_is_help=True,
                   epilog="Example: kwwk dashboards build && kwwk dashboards push --url http://grafana:3000")
 
 CellsOpt = Annotated[Path, typer.Option("--cells", help="folder of cell config files", envvar="KWWK_CELLS")]
 DirOpt = Annotated[Path, typer.Option("--dir", help="where the dashboard JSON lives (one folder per Grafana folder)")]
-
-
-def _fail(msg: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
 
 
 @app.command("build", epilog="Example: kwwk dashboards build --cells firmware_configs/cells   "
@@ -39,10 +34,8 @@ def build(
     from dashboards.build import build_all, write_all
     from edge.cell import load_cells
 
-    try:
+    with cli_errors():
         registry = load_cells(cells)
-    except ConfigError as err:
-        raise _fail(str(err)) from None
     report = write_all(build_all(registry, datasource), out, check=check)
     verb = "would write" if check else "wrote"
     for path in report.written:
@@ -52,7 +45,7 @@ def build(
     typer.echo(f"{len(report.written)} written, {len(report.unchanged)} unchanged, {len(report.removed)} removed"
                + (" (check: nothing changed on disk)" if check else ""))
     if check and report.changed:
-        raise _fail("dashboards/json is out of date: run `kwwk dashboards build`", code=1)
+        fail("dashboards/json is out of date: run `kwwk dashboards build`", code=1)
 
 
 @app.command("push", epilog="Example: kwwk dashboards push --url https://grafana.example   (token in KWWK_GRAFANA_TOKEN)")
@@ -75,18 +68,17 @@ def push(
         try:
             token = token_file.read_text().strip()
         except OSError as err:
-            raise _fail(f"cannot read the token file {token_file}: {err.strerror}") from None
+            fail(f"cannot read the token file {token_file}: {err.strerror}")
     if not token:
-        raise _fail("no token: set KWWK_GRAFANA_TOKEN or pass --token-file (never the token itself on the command line)")
+        fail("no token: set KWWK_GRAFANA_TOKEN or pass --token-file (never the token itself on the command line)")
     dashboards = load_dir(directory)
     if not dashboards:
-        raise _fail(f"no dashboards under {directory}: run `kwwk dashboards build` first")
+        fail(f"no dashboards under {directory}: run `kwwk dashboards build` first")
     try:
-        report = do_push(dashboards, url, token, dry_run=dry_run)
-    except GrafanaError as err:
-        raise _fail(str(err)) from None
+        with cli_errors(GrafanaError):
+            report = do_push(dashboards, url, token, dry_run=dry_run)
     except httpx.HTTPError as err:  # unreachable, TLS, timeouts
-        raise _fail(f"cannot reach Grafana at {url}: {err}") from None
+        fail(f"cannot reach Grafana at {url}: {err}")
     for line in report.lines():
         typer.echo(line)
     if dry_run:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from edge.errors import cli_errors
+
 DEFAULT_TOKENS_FILE = Path("var/api-tokens")
 _EXAMPLE = "Example: kwwk api token create --name leitstelle"
 
@@ -18,20 +20,13 @@ TokensFile = Annotated[Path, typer.Option("--tokens-file", envvar="KWWK_API_TOKE
 Name = Annotated[str, typer.Option("--name", help="who or what uses the token, e.g. leitstelle or grafana")]
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
-
-
 @app.command("create", epilog=_EXAMPLE)
 def create(name: Name, tokens_file: TokensFile = DEFAULT_TOKENS_FILE) -> None:
     """Create a token and print it. Only its hash is stored: copy it now, it cannot be shown again."""
     from collector.api.tokens import TokenError, create_token
 
-    try:
+    with cli_errors(TokenError, OSError):
         token = create_token(tokens_file, name)
-    except (TokenError, OSError) as err:
-        raise _fail(err) from None
     typer.echo(token)
     typer.echo(f"token {name!r} added to {tokens_file}; send it as 'Authorization: Bearer <token>'. "
                "It is not stored and cannot be shown again.", err=True)
@@ -42,10 +37,8 @@ def list_tokens(tokens_file: TokensFile = DEFAULT_TOKENS_FILE) -> None:
     """The names of the tokens and when they were created (never the tokens)."""
     from collector.api.tokens import TokenError, read_tokens
 
-    try:
+    with cli_errors(TokenError, OSError):
         entries = read_tokens(tokens_file)
-    except (TokenError, OSError) as err:
-        raise _fail(err) from None
     if not entries:
         typer.echo(f"no tokens in {tokens_file}")
     for e in entries:
@@ -57,8 +50,6 @@ def revoke(name: Name, tokens_file: TokensFile = DEFAULT_TOKENS_FILE) -> None:
     """Remove a token: requests with it are refused from the next second on."""
     from collector.api.tokens import TokenError, revoke_token
 
-    try:
+    with cli_errors(TokenError, OSError):
         revoke_token(tokens_file, name)
-    except (TokenError, OSError) as err:
-        raise _fail(err) from None
     typer.echo(f"token {name!r} revoked")

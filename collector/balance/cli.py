@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from edge.errors import cli_errors, fail
+
 app = typer.Typer(help="The cell balance engine: interval energies and volumes, KWWK metrics, recompute.", no_args_is_help=True, epilog="Example: kwwk balance recompute --cell musterdorf --from 2026-11-01 --to 2026-11-02")
 
 _EXAMPLE = ("Example: kwwk balance recompute --cell musterdorf --from 2026-11-01 --to 2026-11-02 "
@@ -40,29 +42,20 @@ def recompute(
     from collector.query import QueryError
     from collector.storage import InfluxSettings, StorageError
     from edge.cell import load_cells
-    from edge.yamlio import ConfigError
 
-    def fail(msg: str) -> typer.Exit:
-        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-        return typer.Exit(2)
-
-    try:
+    with cli_errors():
         configs = load_cells(cells)
-    except ConfigError as err:
-        raise fail(str(err)) from None
     unknown = [c for c in cell if c not in configs]
     if unknown:
-        raise fail(f"unknown cell {unknown[0]!r}; known cells: {', '.join(sorted(configs))}")
+        fail(f"unknown cell {unknown[0]!r}; known cells: {', '.join(sorted(configs))}")
     ranges: dict[str, tuple[int, int]] = {}
-    try:
+    with cli_errors(TimeRangeError):
         for c in cell:
             tz = ZoneInfo(configs[c].cell.timezone)
             a, b = parse_time(start, tz), parse_time(end, tz)
             if b <= a:
-                raise fail(f"--to ({end}) must be after --from ({start})")
+                fail(f"--to ({end}) must be after --from ({start})")
             ranges[c] = (a, b)
-    except TimeRangeError as err:
-        raise fail(str(err)) from None
     settings = InfluxSettings(url=influx_url, api="v2" if influx_api == "v2" else "v1", database=influx_db,
                               bucket=influx_db, token=influx_token, org=influx_org)
 
@@ -72,7 +65,5 @@ def recompute(
                 report = await engine.recompute(c, a, b)
                 typer.echo(report.summary())
 
-    try:
+    with cli_errors(QueryError, StorageError, BalanceConfigError, UnknownCell, TimeRangeError):
         asyncio.run(run())
-    except (QueryError, StorageError, BalanceConfigError, UnknownCell, TimeRangeError) as err:
-        raise fail(str(err)) from None
