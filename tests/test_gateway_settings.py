@@ -153,3 +153,14 @@ def test_verify_refuses_what_gateway_run_refuses(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, [*cmd, "--cell", str(cfg.source), "--print-settings"],
                                     env={**dict.fromkeys(ENV.values()), ENV["port"]: "x"})
         assert result.exit_code == 2 and "give --gateway" in result.output
+
+
+def test_the_shipped_env_file_gives_a_tls_gateway() -> None:
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_cell(root / "firmware_configs" / "cells" / "musterdorf.yaml")
+    example = root / "firmware_configs" / "pi" / "gateway.env.example"
+    s = resolve(cfg, GatewayFlags(env_file=example), environ={})
+    assert broker(s) == ("gw-musterdorf-1", "broker.example.org", 8883, True, "/etc/kwwk/ca.crt", "gw-musterdorf-1",
+                         "kwwk-gw-gw-musterdorf-1", "/var/lib/kwwk/outbox.sqlite")
+    assert s.password_file == "/etc/kwwk/mqtt-password" and (s.health_port, s.log_level) == (9102, "INFO")
+    assert set(s.sources.values()) >= {f"env file {example}"}
