@@ -108,7 +108,7 @@ class GatewayFlags:
 def _opt(*names: str, env: str | None, help: str) -> Any:  # noqa: A002 - typer's word
     """A typer option without envvar=: resolve() reads the environment, after the command line and before the
     env file. The variable is named in the help instead."""
-    return typer.Option(*names, help=f"{help} [env: {env}]" if env else help, show_default=False)
+    return typer.Option(*names, help=f"{help}; env {env}" if env else help, show_default=False)
 
 
 GatewayOpt = Annotated[str | None, _opt("--gateway", env=ENV["gateway"],

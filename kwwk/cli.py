@@ -143,8 +143,8 @@ def gateway_run(
     mqtt_password_file: gs.MqttPassOpt = None, mqtt_tls: gs.MqttTlsOpt = None, mqtt_ca: gs.MqttCaOpt = None,
     outbox: gs.OutboxOpt = None,
     health_port: Annotated[int | None, typer.Option(help="port of /healthz and /metrics on 127.0.0.1 (default "
-                                                         "9102) [env: KWWK_HEALTH_PORT]", show_default=False)] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING (default INFO) [env: KWWK_LOG_LEVEL]",
+                                                         "9102); env KWWK_HEALTH_PORT", show_default=False)] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING (default INFO); env KWWK_LOG_LEVEL",
                                                   show_default=False)] = None,
     print_settings: gs.PrintSettingsOpt = False,
 ) -> None:

@@ -164,3 +164,12 @@ def test_the_shipped_env_file_gives_a_tls_gateway() -> None:
                          "kwwk-gw-gw-musterdorf-1", "/var/lib/kwwk/outbox.sqlite")
     assert s.password_file == "/etc/kwwk/mqtt-password" and (s.health_port, s.log_level) == (9102, "INFO")
     assert set(s.sources.values()) >= {f"env file {example}"}
+
+
+def test_both_commands_name_every_variable_in_their_help() -> None:
+    for cmd in (("gateway", "run"), ("commission", "verify")):
+        result = CliRunner().invoke(app, [*cmd, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        missing = [v for k, v in ENV.items() if f"env {v}" not in result.output
+                   and not (cmd[0] == "commission" and k in ("health_port", "log_level"))]
+        assert not missing, f"{' '.join(cmd)} --help does not name {missing}"
