@@ -4,11 +4,13 @@
 Real Mosquitto and InfluxDB 1.x on loopback, the collector in this process, the gateway fleet in processes
 of its own (gateways are other machines: they must not share the collector's interpreter lock). All on one
 machine, so the database, the broker, the fleet and the collector share its cores. About a minute.
-    .venv/bin/python benchmarks/bench_collector.py
+    .venv/bin/python benchmarks/bench_collector.py                    # about six minutes on two cores
+    .venv/bin/python benchmarks/bench_collector.py --readings 52000   # a quick check that it still runs
 """
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import resource
@@ -29,7 +31,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collector.ingest import CollectorSettings, Ingest
+from collector.ingest import COLLECTOR_MQTT, CollectorSettings, Ingest
 from collector.lineprotocol import encode
 from collector.registry import Registry
 from collector.storage import InfluxSettings, V1Writer
@@ -88,11 +90,11 @@ def _messages(t0: int, count: int, first: int = 0) -> list[tuple[str, bytes, int
     return out
 
 
-def ceiling(influx: InfluxDB1, writers: int, t0: int) -> float:
+def ceiling(influx: InfluxDB1, writers: int, t0: int, total: int) -> float:
     """Readings/s when prebuilt line protocol of the same shape is posted straight to /write (5,000 lines a
     batch) by `writers` concurrent connections."""
     rows = [("electricity_meter", (("cell", "ceiling"), ("device", f"m{i % 100}"), ("gateway", "gw")), t0 + i * 7,
-             {p: VALUES[j][i % 100] for j, p in enumerate(POINTS)}) for i in range(TOTAL_READINGS // len(POINTS))]
+             {p: VALUES[j][i % 100] for j, p in enumerate(POINTS)}) for i in range(total // len(POINTS))]
     bodies = [encode(rows[i:i + 5000]).encode() for i in range(0, len(rows), 5000)]
 
     def post(share: list[bytes]) -> None:
@@ -191,13 +193,13 @@ def _fleet(port: int, messages: list[tuple[str, bytes, int]] | None, live: tuple
 def _collector(mosquitto: Mosquitto, influx: InfluxDB1, client_id: str, track: bool) -> tuple[Ingest, _LatencyWriter]:
     writer = _LatencyWriter(InfluxSettings(url=influx.url, database=influx.database), track)
     # a share group of its own: the stopped session of an earlier run keeps its share until it expires
-    ingest = Ingest(CollectorSettings(mqtt_port=mosquitto.port, client_id=client_id, share_group=client_id,
-                                      flush_interval_s=0.2, receive_maximum=1000), Registry({"benchcell": _cell()}),
-                    writer)
+    ingest = Ingest(CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=mosquitto.port, client_id=client_id),
+                                      share_group=client_id, flush_interval_s=0.2, receive_maximum=1000),
+                    Registry({"benchcell": _cell()}), writer)
     ingest.start()
-    while not ingest.connected:
-        time.sleep(0.05)
-    time.sleep(0.3)  # its subscriptions are in place
+    if not ingest.subscribed.wait(30):
+        msg = "the collector did not subscribe within 30 s"
+        raise RuntimeError(msg)
     return ingest, writer
 
 
@@ -240,7 +242,7 @@ def _counted(influx: InfluxDB1, t0: int) -> int:
     return int(res["results"][0]["series"][0]["values"][0][1])  # type: ignore[index]
 
 
-def measure(console: Console, layout: str) -> dict[str, Any]:
+def measure(console: Console, layout: str, total: int) -> dict[str, Any]:
     """Every figure, on fresh servers. layout "shared": all parts share every core; "own core": InfluxDB has
     core 0 to itself in both the ceiling and the end-to-end runs (as on a host of its own), the rest core 1."""
     out: dict[str, Any] = {}
@@ -258,10 +260,11 @@ def measure(console: Console, layout: str) -> dict[str, Any]:
                 for pid in (0, mosquitto.proc.pid):  # 0: this thread, before the collector's and fleet's start
                     os.sched_setaffinity(pid, rest)
             with console.status(f"{layout}: direct-write ceiling"):
-                out["ceilings"] = {n: ceiling(influx, n, 1_500_000_000_000 + n * 10_000_000_000) for n in (1, 2, 4)}
+                out["ceilings"] = {n: ceiling(influx, n, 1_500_000_000_000 + n * 10_000_000_000, total)
+                                   for n in (1, 2, 4)}
             for mode, t0 in (("live", 1_650_000_000_000), ("backlog", 1_640_000_000_000)):
                 with console.status(f"{layout}: collector end to end, {mode}"):
-                    rate, _, cpu = end_to_end(mosquitto, influx, mode, TOTAL_READINGS, t0)
+                    rate, _, cpu = end_to_end(mosquitto, influx, mode, total, t0)
                     out[mode] = (rate, cpu, _counted(influx, t0))
             out["paced"] = paced = out["live"][0] / 2
             with console.status(f"{layout}: latency at a sustained {paced:,.0f} readings/s"):
@@ -275,12 +278,16 @@ def measure(console: Console, layout: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readings", type=int, default=TOTAL_READINGS,
+                        help=f"readings a run (default {TOTAL_READINGS:,}; fewer make noisier figures)")
+    total = parser.parse_args().readings
     console = Console()
     layouts = ["shared", "own core"] if len(os.sched_getaffinity(0)) >= 2 else ["shared"]
-    figures = {layout: measure(console, layout) for layout in layouts}
-    polls = TOTAL_READINGS // READINGS_PER_MESSAGE * (READINGS_PER_MESSAGE // len(POINTS))
+    figures = {layout: measure(console, layout, total) for layout in layouts}
+    polls = total // READINGS_PER_MESSAGE * (READINGS_PER_MESSAGE // len(POINTS))
     t = Table(title=f"collector: loopback Mosquitto 2.0, InfluxDB 1.6, one collector, {os.cpu_count()} cores; "
-                    f"{TOTAL_READINGS:,} SDM630 readings a run (13 a line, 520 a message), target: at least 50 %")
+                    f"{total:,} SDM630 readings a run (13 a line, 520 a message), target: at least 50 %")
     t.add_column("figure")
     for layout in layouts:
         t.add_column("all share every core" if layout == "shared" else "InfluxDB on a core of its own",
