@@ -31,11 +31,12 @@ from edge.mqtt import MqttSettings
 from edge.profile import Profile, get_profile
 from edge.sim import SimClock, SimulatorServer
 from edge.sim.image import RegisterImage
+from edge.sim.ports import reserve_port
 from gateway.commission.checks import MqttOutcome, clock_check
 from gateway.commission.report import write_reports
 from gateway.commission.verify import VerifyReport, verify
 from kwwk.deploy.broker import write_broker_files
-from kwwk.dev.localservers import Mosquitto, free_port
+from kwwk.dev.localservers import Mosquitto
 
 pytestmark = pytest.mark.integration
 KWWK = str(Path(sys.executable).parent / "kwwk")
@@ -155,7 +156,7 @@ def publish_beacon(port: int, username: str, password: str, expiry: int = 3600) 
 def secured_mosquitto(folder: Path, cfg: CellConfig, secrets: Path, tls: tuple[Path, Path, Path], *,
                       acl: bool = True) -> tuple[Mosquitto, int]:
     files = write_broker_files({cfg.cell.id: cfg}, folder / "broker", secrets)
-    tls_port = free_port()
+    tls_port = reserve_port()
     ca, cert, key = tls
     extra = [f"password_file {files.password_file}"] + ([f"acl_file {files.acl_file}"] if acl else []) + [
         f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
@@ -166,7 +167,7 @@ def secured_mosquitto(folder: Path, cfg: CellConfig, secrets: Path, tls: tuple[P
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    port = free_port()
+    port = reserve_port()
     secrets = tmp_path / "secrets"
     cfg = write_cell(tmp_path / "real", CELL, cell_text(port, secrets))
     tls = make_tls(tmp_path / "tls")
@@ -233,7 +234,7 @@ async def test_fails_clearly_on_a_wrong_unit_id_and_a_wrong_word_order(site: Sit
 
 
 async def test_fails_clearly_on_an_unreachable_broker(site: Site) -> None:
-    report = await site.verify(broker=site.target(port=free_port()))
+    report = await site.verify(broker=site.target(port=reserve_port()))
     checks = by_name(report)
     assert checks["broker"].status == "fail" and "cannot reach" in checks["broker"].summary
     assert "firewall" in checks["broker"].fix
@@ -362,7 +363,7 @@ KWWK_OUTBOX={site.tmp / "cli-outbox" / "outbox.sqlite"}
     (page,) = reports.glob("*.html")
     (md,) = reports.glob("*.md")
     assert "B. Schulz" in page.read_text() and f"{CELL}_{GW}_" in md.name
-    code, out = await _cli(*common, "--mqtt-port", str(free_port()))  # the command line beats the env file
+    code, out = await _cli(*common, "--mqtt-port", str(reserve_port()))  # the command line beats the env file
     assert code == 1 and "cannot reach" in out and "FAIL" in out
 
 
