@@ -18,6 +18,7 @@ import pytest
 from edge.codec import REGISTER_COUNT, shortest_f32
 from edge.profile import PROFILE_DIR, Profile, get_profile, golden_check, load_profile, profile_ids
 from edge.quantities import QUANTITIES
+from edge.sim.image import RegisterImage, image_for, synthetic_values
 from edge.yamlio import ConfigError
 
 IDS = profile_ids()
@@ -418,3 +419,41 @@ def test_float32_values_are_published_as_the_meter_meant_them() -> None:
     assert sdm.decode({"input": {70: 0x4247, 71: 0xEB85}})["frequency"] == 49.98
     assert shortest_f32(123456792.0) == 123456790.0  # 9 digits at most: still the same float32
     assert shortest_f32(1.0000000116860974e-07) == 1e-07
+
+
+# --- the one encoder of test servers and the simulator: values -> registers -> the same values ---
+
+
+@pytest.mark.parametrize("profile_id", IDS)
+def test_encoded_values_decode_back_through_the_profile(profile_id: str) -> None:
+    """image_for (test servers, benchmarks) and RegisterImage (the simulator) encode what decode_points reads,
+    scale factors included: a value that does not fit its register would otherwise be served clamped."""
+    profile = get_profile(profile_id)
+    values = synthetic_values(profile)
+    decoded = profile.decode_points(image_for(profile, values))
+    assert not (decoded.missing or decoded.undecodable or decoded.unscaled)
+    for name, want in values.items():
+        p, got = profile.by_name[name], decoded.values[name]
+        if not p.scale_register:
+            assert got == (pytest.approx(want, rel=1e-6) if isinstance(want, float) else want), name
+            continue
+        # a scale factor shared with larger values costs a small one its resolution (down to 0: not implemented)
+        step = p.scale * 10.0 ** int(decoded.raw[p.scale_register])  # type: ignore[arg-type]
+        if got is None:
+            assert abs(want) < step, name
+        else:
+            assert abs(got - want) <= step / 2, name
+    served = profile.decode_points(RegisterImage(profile).tables)
+    assert set(served.values) == {p.name for p in profile.points}  # the simulator serves every point
+
+
+def test_a_missing_scale_factor_or_register_leaves_the_value_out_and_says_why() -> None:
+    sunspec = get_profile("sunspec_meter_203")
+    image = image_for(sunspec, {"power": 1500.0})
+    sf = sunspec.by_name["power"].scale_register
+    assert sf is not None and sunspec.decode_points(image).values["power"] == 1500.0
+    del image["holding"][sunspec.wire(sunspec.by_name[sf])]
+    decoded = sunspec.decode_points(image, [sunspec.by_name["power"], sunspec.by_name[sf]])
+    assert decoded.missing == [sf] and decoded.unscaled == {"power": sf} and "power" not in decoded.values
+    golden = sunspec.decode_points({}, [sunspec.by_name["frequency"]])
+    assert golden.missing == ["frequency"] and not golden.values

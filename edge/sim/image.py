@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from edge.codec import REGISTER_COUNT, encode_value
 from edge.profile import Point, Profile
 
-__all__ = ["Image", "RegisterImage", "encode_point", "image_for", "synthetic_values"]
+__all__ = ["Image", "RegisterImage", "encode_point", "image_for", "scale_exponent", "synthetic_values"]
 
 Image = dict[str, dict[int, int]]
 
@@ -42,7 +42,16 @@ def encode_point(profile: Profile, p: Point, value: float | str, values: Mapping
 
 
 def image_for(profile: Profile, values: Mapping[str, float | str], image: Image | None = None) -> Image:
-    """Encode engineering values into a register image (only the points given; into `image` if passed)."""
+    """Encode engineering values into a register image (only the points given; into `image` if passed).
+
+    A scale factor not in `values` is chosen (scale_exponent) and encoded too, so every value given
+    decodes back.
+    """
+    values = dict(values)
+    needed = sorted({p.scale_register for p in profile.points if p.scale_register and p.name in values})
+    for sf in needed:
+        if sf not in values:
+            values[sf] = scale_exponent(profile, sf, values)
     image = image if image is not None else {}
     for name, value in values.items():
         p = profile.by_name[name]
@@ -52,8 +61,30 @@ def image_for(profile: Profile, values: Mapping[str, float | str], image: Image 
     return image
 
 
+def scale_exponent(profile: Profile, scale_register: str, values: Mapping[str, float | str]) -> int:
+    """The smallest exponent (most resolution) at which every value scaled by this scale-factor point fits
+    its register (0 when none does)."""
+    users = [p for p in profile.points if p.scale_register == scale_register]
+    for exp in range(-3, 7):
+        fits = True
+        for p in users:
+            v = values.get(p.name)
+            if not isinstance(v, float | int):
+                continue
+            raw = (v - p.offset) / (p.scale * 10.0**exp)
+            bits = 16 * REGISTER_COUNT.get(p.type, 1)
+            lo, hi = (-(1 << (bits - 1)) + 1, (1 << (bits - 1)) - 1) if p.type.startswith("s") else (0, (1 << bits) - 2)
+            if not lo <= round(raw) <= hi:
+                fits = False
+                break
+        if fits:
+            return exp
+    return 0
+
+
 def synthetic_values(profile: Profile) -> dict[str, float | str]:
-    """A plausible value for every point: mid-range numbers, the first enum member, short strings."""
+    """A plausible value for every point but the scale factors (image_for chooses those): mid-range
+    numbers, the first enum member, short strings."""
     out: dict[str, float | str] = {}
     for p in profile.points:
         if p.table in ("coil", "discrete"):
@@ -62,8 +93,8 @@ def synthetic_values(profile: Profile) -> dict[str, float | str]:
             out[p.name] = "KWWK"[: 2 * p.registers]
         elif p.enum:
             out[p.name] = min(p.enum)
-        elif p.scale_register is None and any(q.scale_register == p.name for q in profile.points):
-            out[p.name] = 0  # a scale factor: 10**0
+        elif any(q.scale_register == p.name for q in profile.points):
+            continue  # a scale factor
         elif p.range is not None and all(math.isfinite(x) for x in p.range):
             lo, hi = p.range
             out[p.name] = (lo + hi) / 2 if p.type in ("f32", "f64") else round((lo + hi) / 2 / (p.scale or 1)) * (p.scale or 1)
@@ -88,10 +119,7 @@ class RegisterImage:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.tables: Image = {"holding": {}, "input": {}, "coil": {}, "discrete": {}}
-        self._sf_users: dict[str, list[Point]] = {}
-        for p in profile.points:
-            if p.scale_register:
-                self._sf_users.setdefault(p.scale_register, []).append(p)
+        self._scale_factors = {p.scale_register for p in profile.points if p.scale_register}
         idents = {r.point: r.equals if r.equals is not None else (r.one_of or [None])[0] for r in profile.identification}
         self.fixed: dict[str, float | str] = {k: v for k, v in idents.items() if v is not None}
         self.update({})
@@ -105,31 +133,11 @@ class RegisterImage:
             out[p.table] = (min(lo, a), max(hi, a + p.registers - 1))
         return out
 
-    def _choose_sf(self, sf_point: Point, values: dict[str, float | str]) -> int:
-        """Smallest exponent (most resolution) at which every value using this scale factor fits its type."""
-        for exp in range(-3, 7):
-            ok = True
-            for p in self._sf_users[sf_point.name]:
-                v = values.get(p.name)
-                if not isinstance(v, float | int):
-                    continue
-                raw = (v - p.offset) / (p.scale * 10.0**exp)
-                bits = 16 * REGISTER_COUNT.get(p.type, 1)
-                lo, hi = (-(1 << (bits - 1)) + 1, (1 << (bits - 1)) - 1) if p.type.startswith("s") else (0, (1 << bits) - 2)
-                if not lo <= round(raw) <= hi:
-                    ok = False
-                    break
-            if ok:
-                return exp
-        return 0
-
     def update(self, values: dict[str, float]) -> None:
-        """Encode the given engineering values; points without a value get a plausible constant."""
-        merged: dict[str, float | str] = {}
-        for p in self.profile.points:
-            merged[p.name] = values.get(p.name, self.fixed.get(p.name, _default(p)))
-        for sf_name in self._sf_users:
-            merged[sf_name] = self._choose_sf(self.profile.by_name[sf_name], merged)
+        """Encode the given engineering values; points without a value get a plausible constant, scale
+        factors the exponent their values need."""
+        merged = {p.name: values.get(p.name, self.fixed.get(p.name, _default(p)))
+                  for p in self.profile.points if p.name not in self._scale_factors}
         image_for(self.profile, merged, self.tables)
 
     def written(self, table: str, address: int, words: list[int]) -> dict[str, float]:
