@@ -11,6 +11,9 @@ usually finds:
 - a wrong scale (x10, x1000), as a hint;
 - a device that does not identify as the profile says (its identification registers disagree),
   which usually means the unit id belongs to another device.
+
+It reads through the gateway's own DeviceReader (common.eager_reader); word order and address
+shifts are weighed in gateway/commission/diagnose.py.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ async def _diagnose(probe: DeviceProbe, profile: Profile, unit_id: int, eager: E
     hints on the points, and a finding for the cause(s) ranked first."""
     checks = list({c.point.name: c for c in probe.points}.values())
     ev = await diagnose.gather(profile, [(c.point, c.verdict) for c in checks],
-                               diagnose.NeighbourReads(eager, unit_id, snap), probe_values(probe))
+                               diagnose.NeighbourReads(eager, unit_id, snap), _values(probe))
     if ev is None:
         return
     hints = diagnose.hints(ev, profile)
@@ -190,7 +193,8 @@ async def _diagnose(probe: DeviceProbe, profile: Profile, unit_id: int, eager: E
     probe.findings.append(diagnose.word(ev, ranked[0], profile))
 
 
-def probe_values(probe: DeviceProbe) -> dict[str, float | str | None]:
+def _values(probe: DeviceProbe) -> dict[str, float | str | None]:
+    """What the probe read, point by point (None: not implemented)."""
     return {c.point.name: c.value for c in probe.points if c.verdict != "error"}
 
 
