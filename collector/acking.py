@@ -76,7 +76,8 @@ class AckingWriter:
         self._stop = threading.Event()
         self._abandoned = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.last_write_ok: float | None = None
+        self.last_write_ok: float | None = None  # when the database last accepted a write
+        self.database_up = True  # False from a failed write until the next accepted one
         self.stored_readings = 0
 
     def start(self) -> None:
@@ -215,6 +216,7 @@ class AckingWriter:
                 if not err.retryable:
                     log.error("database rejected a batch", error=str(err))
                     return False
+                self.database_up = False
                 self.metrics.database_up.set(0)
                 delay = backoff.failure()
                 if backoff.failures == 1 or backoff.failures % 10 == 0:
@@ -225,6 +227,7 @@ class AckingWriter:
                     raise _Abandon from err
                 continue
             self.metrics.write_seconds.observe(time.perf_counter() - t0)
+            self.database_up = True
             self.metrics.database_up.set(1)
             self.last_write_ok = time.time()
             if backoff.failures:

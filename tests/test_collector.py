@@ -211,3 +211,46 @@ async def test_three_replicas_share_the_load_and_losing_one_loses_nothing(
     assert _assert_exactly_once(gw, influxdb, cfg, cutoff) > 1000
     # the dead replica's session took its turn of batches until the end: the survivors' audit had them resent
     assert filled > 0, f"no sequence gap was filled by a resend (shares before the kill: {shares})"
+
+
+def test_the_audit_asks_for_missing_sequence_numbers_until_they_are_stored(influxdb: InfluxDB1) -> None:
+    """The audit reads kwwk_batches through the one InfluxQL client, asks once the grace has passed, asks
+    again only after its backoff, and counts a gap as filled once the batch is stored."""
+    from collector.audit import BATCH_MEASUREMENT, GapAuditor
+    from collector.lineprotocol import encode
+    from collector.metrics import CollectorMetrics
+    from collector.query import BlockingInfluxQL
+    from collector.storage import InfluxSettings, V1Writer
+    from edge.messages import ResendRequest
+
+    settings = InfluxSettings(url=influxdb.url, database=influxdb.database)
+    writer = V1Writer(settings)
+    now_ms = int(time.time() * 1000)
+
+    def store(*seqs: int) -> None:
+        writer.write(encode([(BATCH_MEASUREMENT, (("cell", "twocell"), ("gateway", "gw-two"), ("stream", "s1")),
+                              now_ms - 10_000 + seq, {"seq": float(seq)}) for seq in seqs]))
+
+    store(0, 1, 3, 6)
+    asked: list[tuple[str, ResendRequest]] = []
+    metrics = CollectorMetrics()
+    audit = GapAuditor(BlockingInfluxQL(settings), lambda topic, body: asked.append((topic, ResendRequest.parse(body))),
+                       metrics, grace_s=10, retry_s=30)
+    t0 = time.time()
+    try:
+        assert audit.run_once(t0) == 0, "within the grace nobody is asked"
+        assert audit.run_once(t0 + 10) == 3
+        ((topic, request),) = asked
+        assert topic == "kwwk/v1/twocell/gw-two/resend"
+        assert (request.stream, sorted(request.seqs)) == ("s1", [2, 4, 5])
+        assert audit.run_once(t0 + 10 + 14.9) == 0, "the first retry waits at least half the retry interval"
+        assert audit.run_once(t0 + 10 + 30) == 3, "and at most the retry interval"
+        store(2, 4)
+        assert audit.run_once(t0 + 100) == 1
+        assert sorted(asked[-1][1].seqs) == [5]
+        assert metrics.gaps_recovered.labels("twocell", "gw-two")._value.get() == 2  # noqa: SLF001
+        assert metrics.gaps_open._value.get() == 1  # noqa: SLF001
+        assert metrics.audit_up._value.get() == 1  # noqa: SLF001
+    finally:
+        audit.db.close()
+        writer.close()
