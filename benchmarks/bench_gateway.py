@@ -29,7 +29,7 @@ from gateway.uplink import BrokerSettings, Uplink  # noqa: E402
 from edge.cell import load_cell  # noqa: E402
 from edge.sim.ports import reserve_port  # noqa: E402
 from kwwk.dev.localservers import Mosquitto, _port_open  # noqa: E402
-from tests.conftest import with_free_ports  # noqa: E402
+from tests.conftest import with_reserved_ports  # noqa: E402
 
 BACKLOG = 200_000
 STEADY_S = 30
@@ -77,7 +77,7 @@ def steady_state(broker_port: int, workdir: Path) -> tuple[float, float, float]:
     text = (ROOT / "firmware_configs/cells/musterdorf.yaml").read_text().replace("poll_interval: 5", "poll_interval: 1")
     (workdir / "src").mkdir()
     (workdir / "src/musterdorf.yaml").write_text(text)
-    cell = with_free_ports(workdir / "src/musterdorf.yaml", workdir / "cells")
+    cell = with_reserved_ports(workdir / "src/musterdorf.yaml", workdir / "cells")
     kwwk = Path(sys.executable).parent / "kwwk"
     sim = subprocess.Popen([str(kwwk), "sim", "run", "--cell", str(cell)], stdout=subprocess.DEVNULL,  # noqa: S603
                            stderr=subprocess.DEVNULL)

@@ -58,11 +58,15 @@ def _with_ports(src: Path, dst_dir: Path, new_port: Callable[[int], int]) -> Pat
     return dst
 
 
-def with_free_ports(src: Path, dst_dir: Path) -> Path:
+def with_reserved_ports(src: Path, dst_dir: Path) -> Path:
     """Copy a cell config, giving every Modbus TCP endpoint a port reserved for this test process
     (edge.sim.ports.reserve_port: not picked by bind-and-close, so two endpoints never share one).
-    For a config the simulator serves, prefer `start_simulator`: it serves port 0 and reports."""
+    For the simulator in a process of its own (`kwwk demo`, `kwwk sim run`); in this process prefer
+    `start_simulator`, which serves port 0 and reports."""
     return _with_ports(src, dst_dir, lambda _old: reserve_port())
+
+
+with_free_ports = with_reserved_ports  # the old name, until tests/test_api_operator.py uses start_simulator
 
 
 def served_cell(src: Path, dst_dir: Path, sim: SimulatorServer) -> Path:

@@ -20,7 +20,7 @@ from edge.cell import load_cells
 from edge.modbus import DeviceReader, ModbusLine
 from edge.sim.ports import reserve_port
 from kwwk.dev.localservers import _port_open
-from tests.conftest import CELLS, with_free_ports
+from tests.conftest import CELLS, with_reserved_ports
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def _get(url: str, token_file: Path | None = None) -> dict:
 def test_demo_serves_live_values_matching_the_simulator(tmp_path: Path) -> None:
     cells_dir = tmp_path / "cells"
     for f in sorted(CELLS.glob("*.yaml")):
-        with_free_ports(f, cells_dir)
+        with_reserved_ports(f, cells_dir)
     cells = load_cells(cells_dir)
     # the demo runs in a process of its own and binds fixed ports: reserved for this test (edge.sim.ports)
     api, mqtt, influx = reserve_port(), reserve_port(), reserve_port()

@@ -24,15 +24,11 @@ from pathlib import Path
 
 from edge.sim.ports import listening_ports, reserve_port
 
-__all__ = ["InfluxDB1", "LocalServer", "Mosquitto", "ServerMissing", "VictoriaMetrics", "free_port"]
+__all__ = ["InfluxDB1", "LocalServer", "Mosquitto", "ServerMissing", "VictoriaMetrics"]
 
 
 class ServerMissing(RuntimeError):
     """The server's program is not installed; the message says which package to install."""
-
-
-#: a port of this process' own until it exits, where nothing listens (kept for existing callers)
-free_port = reserve_port
 
 
 def _find(program: str, package: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin")) -> str:
