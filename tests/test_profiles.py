@@ -304,25 +304,31 @@ BAD_PROFILES: dict[str, tuple[str, str, str, str]] = {
     "shared_quantity_wrong_unit": ("raw", _point("power", 0, "f32", "kW"), "power", "unit"),
 }
 
+
+def _rejected(path: Path, text: str) -> ConfigError:
+    """Write a profile file and return the ConfigError loading it must raise."""
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    return caught.value
+
+
 @pytest.mark.parametrize("case", list(BAD_PROFILES))
 def test_bad_profile_is_rejected_naming_file_line_point_and_field(case: str, tmp_path: Path) -> None:
     addressing, points, point, field = BAD_PROFILES[case]
     text = _HEAD.format(addressing=addressing) + points
     path = tmp_path / f"bad_{case}.yaml"
-    path.write_text(text, encoding="utf-8")
-
-    with pytest.raises(ConfigError) as caught:
-        load_profile(path)
-    message = str(caught.value)
+    error = _rejected(path, text)
+    message = str(error)
 
     assert str(path) in message, message
     # point and field must be named by the problem itself (the file name would contain the case name)
-    named = [f"{field_path} {msg}" for _line, field_path, msg in caught.value.problems]
+    named = [f"{field_path} {msg}" for _line, field_path, msg in error.problems]
     assert any(f"points[{point}]" in problem for problem in named), message
     assert any(re.search(rf"\b{field}\b", problem) for problem in named), message
     # the line must lie inside the offending point's block (the later one of an overlapping/duplicate pair)
     first, last = _block_of(text, point)
-    lines = [line for line, _field, _msg in caught.value.problems]
+    lines = [line for line, _field, _msg in error.problems]
     assert lines, message
     assert all(line is not None and first <= line <= last for line in lines), (lines, first, last, message)
     assert f":{lines[0]}:" in message
@@ -332,11 +338,7 @@ def test_bad_profile_is_rejected_naming_file_line_point_and_field(case: str, tmp
 def test_bad_field_error_points_at_the_fields_own_line(case: str, tmp_path: Path) -> None:
     addressing, points, point, field = BAD_PROFILES[case]
     text = _HEAD.format(addressing=addressing) + points
-    path = tmp_path / f"bad_{case}.yaml"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
-        load_profile(path)
-    line, field_path, _msg = caught.value.problems[0]
+    line, field_path, _msg = _rejected(tmp_path / f"bad_{case}.yaml", text).problems[0]
     assert field_path == f"points[{point}].{field}"
     assert line == _line_of(text, f"{field}:", start=_line_of(text, f"- name: {point}"))
 
@@ -346,32 +348,24 @@ def test_profile_without_source_is_rejected(tmp_path: Path) -> None:
                      if not line.startswith(("source:", "  document:", "  confidence:"))) + "\n"
     text += _point("voltage_l1", 0, "f32", "V")
     path = tmp_path / "no_source.yaml"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
-        load_profile(path)
-    message = str(caught.value)
+    error = _rejected(path, text)
+    message = str(error)
     assert str(path) in message
     assert "source" in message and "missing" in message
-    assert all(line is not None for line, _f, _m in caught.value.problems)
+    assert all(line is not None for line, _f, _m in error.problems)
 
 
 def test_profile_with_empty_source_document_is_rejected(tmp_path: Path) -> None:
     text = _HEAD.format(addressing="raw").replace('"Test register map"', '""')
     text += _point("voltage_l1", 0, "f32", "V")
-    path = tmp_path / "empty_source.yaml"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
-        load_profile(path)
-    assert "source.document" in str(caught.value)
-    assert f":{_line_of(text, 'document:')}:" in str(caught.value)
+    message = str(_rejected(tmp_path / "empty_source.yaml", text))
+    assert "source.document" in message
+    assert f":{_line_of(text, 'document:')}:" in message
 
 
 def test_modicon_40000_is_not_an_input_register(tmp_path: Path) -> None:
-    path = tmp_path / "bad_input_40000.yaml"
     text = _HEAD.format(addressing="modicon") + _point("voltage_l1", 40000, "u16", "V")
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError):
-        load_profile(path)
+    _rejected(tmp_path / "bad_input_40000.yaml", text)
 
 
 def test_golden_vector_for_an_unknown_point_is_rejected(tmp_path: Path) -> None:
@@ -382,12 +376,9 @@ def test_golden_vector_for_an_unknown_point_is_rejected(tmp_path: Path) -> None:
             registers: {input: {0: [0x4366, 0x0000]}}
             expect: {voltage_11: 230.0}
         """)
-    path = tmp_path / "bad_golden.yaml"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
-        load_profile(path)
-    assert "voltage_11" in str(caught.value)
-    assert f":{_line_of(text, 'voltage_11')}:" in str(caught.value)
+    message = str(_rejected(tmp_path / "bad_golden.yaml", text))
+    assert "voltage_11" in message
+    assert f":{_line_of(text, 'voltage_11')}:" in message
 
 
 def test_golden_check_reports_a_wrong_expectation(tmp_path: Path) -> None:
