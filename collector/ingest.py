@@ -27,7 +27,7 @@ from collector.registry import Registry
 from collector.storage import InfluxSettings, Writer
 from edge.messages import DeadLetter
 from edge.mqtt import MqttSettings, connect_kwargs, paho_client
-from edge.telemetry import TOPIC_ROOT, deadletter_topic
+from edge.telemetry import TOPIC_ROOT, deadletter_topic, parse_topic
 
 __all__ = ["COLLECTOR_MQTT", "SHARE_GROUP", "CollectorSettings", "Ingest"]
 
@@ -121,6 +121,9 @@ class Ingest:
         self.connected = True
         self.metrics.connected.set(1)
         client.subscribe(f"$share/{self.s.share_group}/{TOPIC_ROOT}/+/+/telemetry", qos=1)
+        # collectors before 2026-12 also subscribed to gateway status, and a resumed session keeps its
+        # subscriptions: drop that one, or every status change would come here and be dead-lettered
+        client.unsubscribe(f"{TOPIC_ROOT}/+/+/status")
         log.info("connected to broker", broker=self.mqtt.address, client_id=self.mqtt.client_id)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, reasons: list[Any], _p: object) -> None:
@@ -136,7 +139,11 @@ class Ingest:
         if not self._stop.is_set():
             log.warning("lost the broker; reconnecting", reason=str(reason))
 
-    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        topic = parse_topic(message.topic)
+        if topic is not None and topic[2] == "status":  # queued for an older session's subscription: not ours
+            client.ack(message.mid, message.qos)
+            return
         self.writer.put(Message(message.mid, message.qos, message.topic, bytes(message.payload)))
 
     # -- what the writer and the auditor publish ----------------------------------------------------

@@ -40,8 +40,7 @@ class Series:
 
 def _client_options(s: InfluxSettings) -> dict[str, Any]:
     headers = {"Authorization": f"Token {s.token}"} if s.token else {}
-    auth = (s.username, s.password or "") if s.username else None
-    return {"base_url": s.url, "timeout": s.timeout_s, "auth": auth, "headers": headers}
+    return {"base_url": s.url, "timeout": s.timeout_s, "auth": s.basic_auth, "headers": headers}
 
 
 def _form(s: InfluxSettings, statements: tuple[str, ...]) -> dict[str, str]:

@@ -32,6 +32,11 @@ class InfluxSettings:
     token: str | None = None  # v2
     timeout_s: float = 10.0
 
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        """The v1 user and password for HTTP basic auth, None without a user."""
+        return (self.username, self.password or "") if self.username else None
+
 
 class Writer(Protocol):
     def write(self, lines: str) -> None: ...
@@ -41,8 +46,7 @@ class Writer(Protocol):
 class V1Writer:
     def __init__(self, s: InfluxSettings) -> None:
         self.s = s
-        auth = (s.username, s.password or "") if s.username else None
-        self._http = httpx.Client(base_url=s.url, timeout=s.timeout_s, auth=auth)
+        self._http = httpx.Client(base_url=s.url, timeout=s.timeout_s, auth=s.basic_auth)
 
     def write(self, lines: str) -> None:
         try:

@@ -22,6 +22,7 @@ from collector.lineprotocol import encode
 from collector.registry import Registry
 from collector.storage import InfluxSettings, V1Writer, V2Writer
 from edge.cell import load_cell
+from edge.mqtt import connect_kwargs, paho_client
 from kwwk.dev.localservers import InfluxDB1, Mosquitto, VictoriaMetrics
 from tests.conftest import ROOT
 
@@ -42,8 +43,8 @@ def _valid(**over: Any) -> dict[str, Any]:
 class _Harness:
     """A running collector (the real Ingest) plus an MQTT client that publishes and watches the dead letters."""
 
-    def __init__(self, mqtt_port: int, influx: InfluxDB1) -> None:
-        mqtt_settings = COLLECTOR_MQTT.replace(port=mqtt_port, client_id="fuzz-collector")
+    def __init__(self, mqtt_port: int, influx: InfluxDB1, client_id: str = "fuzz-collector") -> None:
+        mqtt_settings = COLLECTOR_MQTT.replace(port=mqtt_port, client_id=client_id)
         self.ingest = Ingest(CollectorSettings(mqtt=mqtt_settings, flush_interval_s=0.05),
                              Registry({"twocell": CELL}), V1Writer(InfluxSettings(url=influx.url)))
         self.ingest.start()
@@ -262,3 +263,33 @@ def test_storage_rejection_is_dead_lettered_not_retried_forever(harness: _Harnes
     urllib.request.urlopen(req, timeout=5)  # noqa: S310
     letter = harness.send(json.dumps(_valid(seq=7)).encode())
     assert letter["reason"] == "storage_rejected"
+
+
+def test_an_older_collectors_session_with_a_status_subscription_dead_letters_no_status(
+        mosquitto: Mosquitto, influxdb: InfluxDB1) -> None:
+    """Collectors once subscribed to gateway status too, and a resumed session keeps its subscriptions: a status
+    queued for it is acknowledged without a dead letter, and the subscription is dropped."""
+    settings = COLLECTOR_MQTT.replace(port=mosquitto.port, client_id="upgraded-collector")
+    old = paho_client(settings)
+    subscribed = threading.Event()
+    old.on_subscribe = lambda *_: subscribed.set()
+    old.connect(**connect_kwargs(settings))
+    old.loop_start()
+    old.subscribe("kwwk/v1/+/+/status", qos=1)
+    assert subscribed.wait(5)
+    old.disconnect()
+    old.loop_stop()
+    gateway = paho_client(settings.replace(client_id="", session_expiry_s=0))  # queued for the session meanwhile
+    gateway.connect(**connect_kwargs(settings.replace(session_expiry_s=0)))
+    gateway.loop_start()
+    gateway.publish("kwwk/v1/twocell/gw-two/status", b'{"state": "online"}', qos=1).wait_for_publish(5)
+    gateway.loop_stop()
+    gateway.disconnect()
+    h = _Harness(mosquitto.port, influxdb, client_id="upgraded-collector")
+    try:
+        # a dead letter comes after those of what came before it: the queued status would have had one by now
+        assert h.send(b"not json: after the status")["reason"] == "bad_json"
+        assert [d["reason"] for d in h.dead] == ["bad_json"], h.dead
+        assert h.ingest.metrics.messages.labels("dead_lettered")._value.get() == 1  # noqa: SLF001
+    finally:
+        h.close()
