@@ -73,6 +73,34 @@ class _CheckedClient(aiomqtt.Client):
         if code >= 0x80:
             raise PublishRefused(code, topic)
 
+    async def subscribe_acked(self, topic: str, *, qos: int = 1) -> None:
+        """Subscribe and return on SUBACK; aiomqtt's subscribe() waits with wait_for (see _raise_if_cancelled)."""
+        result, mid = self._client.subscribe(topic, qos)
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise aiomqtt.MqttCodeError(result, "Could not subscribe to topic")
+        granted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        with self._pending_call(mid, granted, self._pending_subscribes):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await granted
+            except TimeoutError as err:
+                msg = f"no SUBACK from the broker within {self.timeout}s"
+                raise aiomqtt.MqttError(msg) from err
+
+
+def _cancel_requests() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _raise_if_cancelled(before: int) -> None:
+    """aiomqtt 2.5 waits for CONNACK with asyncio.wait_for, which on Python 3.11 can swallow a cancellation that
+    arrives with the answer: the task then runs on as if never stopped (seen: a gateway that ignored SIGTERM
+    right after connecting). A cancellation requested since `before` (this task's count of cancel requests,
+    which 3.11's TaskGroup leaves raised after a failed child, so only a rise means anything) is raised here."""
+    if _cancel_requests() > before:
+        raise asyncio.CancelledError
+
 
 class Uplink:
     def __init__(self, cell: str, gateway: str, outbox: Outbox, settings: MqttSettings, metrics: GatewayMetrics,
@@ -112,16 +140,18 @@ class Uplink:
         backoff = s.backoff()
         will = aiomqtt.Will(self.status, self._status("offline"), qos=1, retain=True)
         while True:
+            requested = _cancel_requests()
             try:
                 async with _CheckedClient(**aiomqtt_client_kwargs(s), will=will, timeout=10) as client:
-                    backoff.success()
-                    self.connected = True
-                    self.metrics.connected.set(1)
-                    self.metrics.connects.labels("ok").inc()
-                    log.info("connected to broker", host=s.host, port=s.port, tls=s.tls)
-                    await client.publish_acked(self.status, self._status("online"), retain=True)
-                    await client.subscribe(self.resend, qos=1)
                     try:
+                        _raise_if_cancelled(requested)  # aiomqtt's connect waits with wait_for
+                        backoff.success()
+                        self.connected = True
+                        self.metrics.connected.set(1)
+                        self.metrics.connects.labels("ok").inc()
+                        log.info("connected to broker", host=s.host, port=s.port, tls=s.tls)
+                        await client.publish_acked(self.status, self._status("online"), retain=True)
+                        await client.subscribe_acked(self.resend, qos=1)
                         async with asyncio.TaskGroup() as tg:
                             tg.create_task(self._drain(client), name=f"kwwk[{self.gateway}].drain")
                             tg.create_task(self._answer_resends(client), name=f"kwwk[{self.gateway}].resend")
@@ -130,7 +160,7 @@ class Uplink:
                         # a clean stop: the will only fires on an unclean one, so say offline ourselves
                         with contextlib.suppress(Exception):
                             async with asyncio.timeout(2):
-                                await client.publish(self.status, self._status("offline"), qos=1, retain=True)
+                                await client.publish_acked(self.status, self._status("offline"), retain=True)
                         raise
             except* aiomqtt.MqttError as group:
                 err = group.exceptions[0]

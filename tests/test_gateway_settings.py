@@ -173,3 +173,81 @@ def test_both_commands_name_every_variable_in_their_help() -> None:
         missing = [v for k, v in ENV.items() if f"env {v}" not in result.output
                    and not (cmd[0] == "commission" and k in ("health_port", "log_level"))]
         assert not missing, f"{' '.join(cmd)} --help does not name {missing}"
+
+
+@pytest.mark.integration
+def test_gateway_run_and_verify_use_the_env_file_against_a_real_broker(tmp_path: Path) -> None:
+    """Not only the printout: `gateway run` logs in with the env file's account, port and password file and keeps
+    its outbox where the file says; `commission verify` with the same file logs in to the same broker likewise."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from edge.messages import StatusMessage
+    from edge.mqtt import MqttSettings, connect_kwargs, paho_client
+    from edge.sim.ports import reserve_port
+    from edge.telemetry import status_topic
+    from kwwk.deploy.broker import write_broker_files
+    from kwwk.dev.localservers import Mosquitto
+
+    kwwk = str(Path(sys.executable).parent / "kwwk")
+    path = tmp_path / "cell.yaml"  # a meter nobody answers for: the uplink runs all the same
+    path.write_text("cell: {id: setdorf, name: Setdorf, location: {latitude: 51, longitude: 9}}\ngateways:\n"
+                    "  - id: gw-a\n    mqtt: {username: acct-a}\n    devices: [{id: grid, profile: eastron_sdm630, "
+                    f"connection: {{host: 127.0.0.1, port: {reserve_port()}}}}}]\n")
+    cfg = load_cell(path)
+    files = write_broker_files({"setdorf": cfg}, tmp_path / "broker", tmp_path / "secrets")
+    outbox = tmp_path / "state" / "outbox.sqlite"
+    with Mosquitto(tmp_path / "mosquitto", anonymous=False,
+                   extra=f"password_file {files.password_file}\nacl_file {files.acl_file}") as server:
+        file = env_file(tmp_path, port=str(server.port), password_file=str(tmp_path / "secrets" / "acct-a.password"),
+                        outbox=str(outbox), health_port="0")
+        seen: list[StatusMessage] = []
+        got = threading.Condition()
+
+        def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+            with got:
+                seen.append(StatusMessage.parse(msg.payload))
+                got.notify_all()
+
+        collector = paho_client(MqttSettings(port=server.port, username="collector",
+                                             password=(tmp_path / "secrets" / "collector.password").read_text().strip()))
+        collector.on_message = on_message
+        collector.on_connect = lambda c, *_: c.subscribe(status_topic("setdorf", "gw-a"), qos=1)
+        collector.connect(**connect_kwargs(MqttSettings(port=server.port)))
+        collector.loop_start()
+        env = {"PATH": os.environ["PATH"], "COLUMNS": "250"}
+        log = (tmp_path / "gateway.log").open("w")
+        proc = subprocess.Popen([kwwk, "gateway", "run", "--cell", str(path), "--env-file", str(file)],  # noqa: S603
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with got:
+                assert got.wait_for(lambda: any(s.state == "online" for s in seen), 30), (tmp_path / "gateway.log").read_text()
+            online = next(s for s in seen if s.state == "online")
+            assert (online.cell, online.gateway) == ("setdorf", "gw-a") and online.outbox_readings is not None
+            assert outbox.exists()  # where the env file put it, not var/gateway/
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            with got:
+                assert got.wait_for(lambda: seen[-1].state == "offline", 10), seen
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            collector.disconnect()
+            collector.loop_stop()
+            log.close()
+        res = subprocess.run([kwwk, "commission", "verify", "--cell", str(path), "--env-file", str(file),  # noqa: S603
+                              "--allow-plain", "--pause", "0", "--beacon-wait", "0.2", "--service-user", "nobody-here",
+                              "--report-dir", str(tmp_path / "reports")], env=env, capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert res.returncode == 1, res.stdout + res.stderr  # the meter does not answer
+        out = " ".join(res.stdout.split())
+        assert f"logged in to 127.0.0.1:{server.port} over plain MQTT (allowed by --allow-plain) as 'acct-a'" in out
+        assert "may publish to its status topic" in out
+        (report,) = (tmp_path / "reports").glob("*.md")
+        assert str(outbox) in report.read_text()  # verify checked the outbox the gateway used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
 from pathlib import Path
@@ -99,3 +100,40 @@ def test_a_persistent_session_is_resumed_on_a_real_broker(tmp_path: Path) -> Non
             finally:
                 client.disconnect()
                 client.loop_stop()
+
+
+async def test_the_uplink_sees_a_cancellation_aiomqtt_swallowed() -> None:
+    """aiomqtt 2.5 waits with asyncio.wait_for, which on 3.11 can swallow a cancellation racing its result; the
+    uplink checks for one after connecting. 3.11's TaskGroup leaves the count raised after a failed child, so
+    only a rise since the connect attempt counts."""
+    from gateway.uplink import _cancel_requests, _raise_if_cancelled
+
+    async def fails() -> None:
+        raise ValueError
+
+    async def runs() -> None:
+        await asyncio.sleep(10)
+
+    async def uplink_like(swallowed: asyncio.Event, go: asyncio.Event) -> str:
+        try:
+            async with asyncio.TaskGroup() as tg:  # a lost connection: one child fails, the rest are cancelled
+                tg.create_task(fails())
+                tg.create_task(runs())
+        except* ValueError:
+            pass
+        before = _cancel_requests()
+        _raise_if_cancelled(before)  # a leaked count is not a stop
+        swallowed.set()
+        try:
+            await go.wait()
+        except asyncio.CancelledError:
+            pass  # what wait_for does when the CONNACK and the cancellation arrive together
+        _raise_if_cancelled(before)
+        return "ran on"
+
+    swallowed, go = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(uplink_like(swallowed, go))
+    await swallowed.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
