@@ -122,11 +122,3 @@ def polls(readings: Iterable[Reading]) -> list[Poll]:
         poll["values"][r.point] = r.value if r.quality != "bad" else None
     return list(out.values())
 
-
-def __getattr__(name: str) -> object:
-    """ResendRequest moved to edge.messages with the other control messages; old imports still find it."""
-    if name == "ResendRequest":
-        from edge.messages import ResendRequest
-
-        return ResendRequest
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

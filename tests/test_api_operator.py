@@ -20,17 +20,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.api.app import API_MQTT, ApiSettings, create_app
 from collector.api.tokens import issue_token
-from collector.ingest import CollectorSettings
+from collector.ingest import COLLECTOR_MQTT, CollectorSettings
 from collector.registry import Registry
 from collector.service import run_collector
 from collector.storage import InfluxSettings, V1Writer
 from edge.cell import load_cell
-from edge.sim import SimulatorServer
 from edge.telemetry import status_topic
 from gateway.service import GatewayService
 from gateway.settings import gateway_mqtt
 from kwwk.dev.localservers import InfluxDB1, Mosquitto
-from tests.conftest import ROOT, with_free_ports
+from tests.conftest import ROOT, start_simulator
 from tests.helpers import wait_for
 from tests.test_api_data import NOW_S, SENTINEL_KW, START_S, ApiData, api_data  # noqa: F401
 
@@ -93,14 +92,14 @@ async def test_cells_devices_and_latest_values(client: httpx.AsyncClient, api_da
 
 async def test_a_real_gateway_is_online_then_offline(tmp_path: Path, mosquitto: Mosquitto,
                                                      influxdb: InfluxDB1) -> None:
-    cfg = load_cell(with_free_ports(ROOT / "tests/data/tinycell.yaml", tmp_path / "cells"))
+    sim, path = await start_simulator(ROOT / "tests/data/tinycell.yaml", tmp_path / "cells")
+    cfg = load_cell(path)
     registry = Registry({cfg.cell.id: cfg})
-    sim = SimulatorServer([cfg])
-    await sim.start()
     gw_stop, collector_stop = asyncio.Event(), asyncio.Event()
     gw = GatewayService(cfg, "gw-tiny", gateway_mqtt(port=mosquitto.port), tmp_path / "outbox.sqlite")
     influx = InfluxSettings(url=influxdb.url, database=influxdb.database)
-    collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2)
+    collector = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=mosquitto.port, client_id="test-collector"),
+                                  flush_interval_s=0.2)
     tasks = [asyncio.create_task(gw.run(gw_stop)),
              asyncio.create_task(run_collector(collector, influx, registry, stop=collector_stop))]
     token = issue_token(tmp_path / "api-tokens", "ops")

@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
 from edge.cell import load_cells
 from edge.messages import TIME_TOPIC
+from edge.mqtt import MqttSettings, connect_kwargs, paho_client
 from edge.telemetry import (
     Reading,
     TelemetryBatch,
@@ -156,7 +155,7 @@ def test_cli_writes_the_files_and_reports(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- real Mosquitto
 
 class Client:
-    """A paho MQTT v5 client that records CONNACK, PUBACK reason codes and received messages."""
+    """A paho MQTT v5 client (edge.mqtt's factory) that records CONNACK, PUBACK reason codes and received messages."""
 
     def __init__(self, port: int, username: str | None, password: str | None, client_id: str) -> None:
         self.connack: Any = None
@@ -164,13 +163,13 @@ class Client:
         self.messages: list[tuple[str, bytes]] = []
         self._connected = threading.Event()
         self._lock = threading.Condition()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if username is not None:
-            self.c.username_pw_set(username, password)
+        settings = MqttSettings(port=port, username=username, password=password, client_id=client_id)
+        self.c = paho_client(settings)
         self.c.on_connect = self._on_connect
         self.c.on_publish = self._on_publish
-        self.c.on_message = lambda _c, _u, m: self.messages.append((m.topic, bytes(m.payload)))
-        self.c.connect("127.0.0.1", port)
+        self.c.on_subscribe = self._on_subscribe
+        self.c.on_message = self._on_message
+        self.c.connect(**connect_kwargs(settings))
         self.c.loop_start()
         assert self._connected.wait(5), "no CONNACK"
 
@@ -183,6 +182,16 @@ class Client:
             self.acks[mid] = int(reason.value)
             self._lock.notify_all()
 
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, _reasons: Any, _p: Any) -> None:
+        with self._lock:
+            self.acks[mid] = 0
+            self._lock.notify_all()
+
+    def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
+        with self._lock:
+            self.messages.append((m.topic, bytes(m.payload)))
+            self._lock.notify_all()
+
     def publish(self, topic: str, payload: bytes = b"x") -> int:
         """Publish QoS 1; return the PUBACK reason code."""
         info = self.c.publish(topic, payload, qos=1)
@@ -191,7 +200,15 @@ class Client:
             return self.acks[info.mid]
 
     def subscribe(self, topic: str) -> None:
-        self.c.subscribe(topic, qos=1)
+        """Subscribe QoS 1 and return on SUBACK."""
+        _, mid = self.c.subscribe(topic, qos=1)
+        with self._lock:
+            assert self._lock.wait_for(lambda: mid in self.acks, 5), f"no SUBACK for {topic}"
+
+    def received(self, message: tuple[str, bytes], timeout: float = 5) -> None:
+        """Wait until `message` arrived: what one publisher sends, the broker forwards in order."""
+        with self._lock:
+            assert self._lock.wait_for(lambda: message in self.messages, timeout), f"{message} did not arrive"
 
     def close(self) -> None:
         self.c.disconnect()
@@ -228,7 +245,6 @@ def test_real_mosquitto_enforces_the_generated_acl(secured: tuple[Mosquitto, Pat
         a.subscribe(resend_topic("beta", "gw-b"))  # granted by Mosquitto 2.0, but nothing may be delivered
         col.subscribe("$share/kwwk-collectors/kwwk/v1/+/+/telemetry")
         col.subscribe("kwwk/v1/+/+/status")
-        time.sleep(0.3)
         # a gateway writes its own telemetry and status, nothing else
         assert a.publish(telemetry_topic("alpha", "gw-a")) in (ok, 0x10)
         assert a.publish(status_topic("alpha", "gw-a")) in (ok, 0x10)
@@ -241,10 +257,14 @@ def test_real_mosquitto_enforces_the_generated_acl(secured: tuple[Mosquitto, Pat
         assert col.publish(deadletter_topic("alpha", "gw-a")) in (ok, 0x10)
         assert col.publish(TIME_TOPIC) in (ok, 0x10)
         assert col.publish(telemetry_topic("alpha", "gw-a")) == denied
-        time.sleep(0.5)
-        # the collector read what the gateway wrote; the gateway got its own resend request only
+        # a last message from each publisher: once it arrived, everything it sent before had its chance
+        assert col.publish(resend_topic("alpha", "gw-a"), b"resend-a-last") in (ok, 0x10)
+        a.received((resend_topic("alpha", "gw-a"), b"resend-a-last"))
+        assert a.publish(status_topic("alpha", "gw-a"), b"last") in (ok, 0x10)
+        col.received((status_topic("alpha", "gw-a"), b"last"))
+        # the collector read what the gateway wrote; the gateway got its own resend requests only
         assert {t for t, _ in col.messages} == {telemetry_topic("alpha", "gw-a"), status_topic("alpha", "gw-a")}
-        assert a.messages == [(resend_topic("alpha", "gw-a"), b"resend-a")]
+        assert a.messages == [(resend_topic("alpha", "gw-a"), b"resend-a"), (resend_topic("alpha", "gw-a"), b"resend-a-last")]
         # wrong password, unknown user and anonymous are refused at CONNECT
         for user, password in (("gw-a", "wrong"), ("nobody", "x"), (None, None)):
             intruder = Client(server.port, user, password, f"intruder-{user}")
@@ -284,29 +304,37 @@ async def test_gateway_a_cannot_publish_into_gateway_b_and_nothing_is_stored(
         secured: tuple[Mosquitto, Path, dict[str, Any]], influxdb: InfluxDB1) -> None:
     """Acceptance: gateway A forges a batch of gateway B on B's topic; the broker refuses it (PUBACK 0x87)
     and the real collector, logged in as collector, stores nothing from it while it stores A's own."""
-    from collector.ingest import CollectorSettings
+    from collector.ingest import COLLECTOR_MQTT, CollectorSettings
     from collector.registry import Registry
     from collector.service import run_collector
     from collector.storage import InfluxSettings
 
     server, secrets, cells = secured
-    settings = CollectorSettings(mqtt_port=server.port, username="collector", password=_secret(secrets, "collector"),
-                                 client_id="acl-test-collector", flush_interval_s=0.2)
+    settings = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=server.port, username="collector",
+                                                             password=_secret(secrets, "collector"),
+                                                             client_id="acl-test-collector"), flush_interval_s=0.2)
     stop = asyncio.Event()
     task = asyncio.create_task(run_collector(settings, InfluxSettings(url=influxdb.url, database=influxdb.database),
                                              Registry(cells), stop=stop))
     a = await asyncio.to_thread(Client, server.port, "gw-a", _secret(secrets, "gw-a"), "gw-a-forger")
     try:
-        await asyncio.sleep(1.0)  # the collector subscribes
+        first = _batch("alpha", "gw-a", "grid-gw-a", 1.0, 0)
+
+        def first_stored() -> list[list[Any]]:  # sent again until the collector has subscribed and stored it
+            a.publish(telemetry_topic("alpha", "gw-a"), first)
+            return _rows(influxdb, 'SELECT "power" FROM "electricity_meter" WHERE "gateway" = \'gw-a\' AND "power" = 1')
+
+        await _wait(first_stored, 15, "the collector subscribed: gateway A's first reading stored")
         forged = _batch("beta", "gw-b", "grid-gw-b", -777.25, 1)
         assert await asyncio.to_thread(a.publish, telemetry_topic("beta", "gw-b"), forged) == 0x87
         # and into its own topic, claiming to be B (the collector's topic check dead-letters that)
         await asyncio.to_thread(a.publish, telemetry_topic("alpha", "gw-a"), forged)
         own = _batch("alpha", "gw-a", "grid-gw-a", 1234.5, 1)
         assert await asyncio.to_thread(a.publish, telemetry_topic("alpha", "gw-a"), own) in (0x00, 0x10)
-        await _wait(lambda: _rows(influxdb, 'SELECT "power" FROM "electricity_meter" WHERE "gateway" = \'gw-a\''),
+        # the collector takes one publisher's messages in order: once A's later batch is stored, the forged one
+        # before it was handled too
+        await _wait(lambda: _rows(influxdb, 'SELECT "power" FROM "electricity_meter" WHERE "power" = 1234.5'),
                     15, "gateway A's own reading in InfluxDB")
-        await asyncio.sleep(0.5)
         assert _rows(influxdb, 'SELECT * FROM "electricity_meter" WHERE "gateway" = \'gw-b\'') == []
         assert _rows(influxdb, 'SELECT * FROM "electricity_meter" WHERE "power" = -777.25') == []
         assert _rows(influxdb, 'SELECT * FROM /.*/ WHERE "gateway" = \'gw-b\'') == []

@@ -16,7 +16,7 @@ from edge.messages import (
     TimeBeacon,
     time_beacon_payload,
 )
-from edge.telemetry import SCHEMA, ResendRequest as OldHome
+from edge.telemetry import SCHEMA
 
 
 def test_status_round_trip_and_what_a_gateway_publishes() -> None:
@@ -55,7 +55,6 @@ def test_dead_letter_keeps_a_bounded_payload() -> None:
 
 
 def test_resend_request_is_strict() -> None:
-    assert OldHome is ResendRequest  # one definition; edge.telemetry still answers for old imports
     r = ResendRequest(stream="4dd1e5e38667", seqs=[3, 4])
     assert ResendRequest.parse(r.to_bytes()) == r and json.loads(r.to_bytes()) == {"stream": "4dd1e5e38667",
                                                                                   "seqs": [3, 4]}
