@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from edge.telemetry import Reading  # noqa: E402
 from gateway.metrics import GatewayMetrics  # noqa: E402
 from gateway.outbox import Outbox  # noqa: E402
-from gateway.uplink import BrokerSettings, Uplink  # noqa: E402
+from gateway.settings import gateway_mqtt  # noqa: E402
+from gateway.uplink import Uplink  # noqa: E402
 from edge.cell import load_cell  # noqa: E402
 from edge.sim.ports import reserve_port  # noqa: E402
 from kwwk.dev.localservers import Mosquitto, _port_open  # noqa: E402
@@ -45,7 +46,7 @@ async def drain_rate(broker_port: int, workdir: Path) -> tuple[float, float]:
         if len(batch) == 10_000:
             outbox.append(batch)
             batch.clear()
-    uplink = Uplink("benchcell", "gw-bench", outbox, BrokerSettings(port=broker_port), GatewayMetrics(),
+    uplink = Uplink("benchcell", "gw-bench", outbox, gateway_mqtt(port=broker_port), GatewayMetrics(),
                     batch_size=500)
     start = time.perf_counter()
     task = asyncio.create_task(uplink.run())

@@ -23,7 +23,7 @@ from edge.backoff import Backoff
 from edge.messages import ResendRequest
 from edge.telemetry import resend_topic
 
-__all__ = ["BATCH_MEASUREMENT", "GapAuditor"]
+__all__ = ["GapAuditor"]
 
 log = structlog.get_logger("kwwk.collector.audit")
 Key = tuple[str, str, str]  # cell, gateway, stream

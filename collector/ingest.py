@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -39,10 +39,6 @@ SHARE_GROUP = "kwwk-collectors"
 #: the audit can still recover what it swallowed.
 COLLECTOR_MQTT = MqttSettings(client_id="kwwk-collector-1", session_expiry_s=900)
 
-#: the connection fields CollectorSettings took before `mqtt`, and their MqttSettings names
-_LEGACY_MQTT = {"mqtt_host": "host", "mqtt_port": "port", "username": "username", "password": "password",
-                "tls": "tls", "ca_file": "ca_file", "client_id": "client_id", "session_expiry_s": "session_expiry_s"}
-
 
 @dataclass(frozen=True)
 class CollectorSettings:
@@ -55,20 +51,6 @@ class CollectorSettings:
     audit_interval_s: float = 15.0
     audit_grace_s: float = 10.0
     audit_retry_s: float = 30.0
-    # until every caller passes `mqtt=`: the connection fields as they were (None: not given)
-    mqtt_host: InitVar[str | None] = None
-    mqtt_port: InitVar[int | None] = None
-    username: InitVar[str | None] = None
-    password: InitVar[str | None] = None
-    tls: InitVar[bool | None] = None
-    ca_file: InitVar[str | None] = None
-    client_id: InitVar[str | None] = None
-    session_expiry_s: InitVar[int | None] = None
-
-    def __post_init__(self, *legacy: Any) -> None:
-        given = {_LEGACY_MQTT[name]: v for name, v in zip(_LEGACY_MQTT, legacy, strict=True) if v is not None}
-        if given:
-            object.__setattr__(self, "mqtt", self.mqtt.replace(**given))
 
     @property
     def writer(self) -> WriterSettings:

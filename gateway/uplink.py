@@ -23,16 +23,11 @@ from edge.telemetry import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Batch, Outbox
-from gateway.settings import gateway_client_id, gateway_mqtt
+from gateway.settings import gateway_client_id
 
-__all__ = ["BrokerSettings", "PublishRefused", "Uplink"]
+__all__ = ["PublishRefused", "Uplink"]
 
 log = structlog.get_logger("kwwk.gateway.uplink")
-
-
-def BrokerSettings(**fields: Any) -> MqttSettings:  # noqa: N802 - the name of the class this replaced
-    """Transitional, for callers not yet moved (tests, benchmarks, the demo): gateway.settings.gateway_mqtt()."""
-    return gateway_mqtt(**fields)
 
 
 class PublishRefused(aiomqtt.MqttError):

@@ -66,8 +66,6 @@ def with_reserved_ports(src: Path, dst_dir: Path) -> Path:
     return _with_ports(src, dst_dir, lambda _old: reserve_port())
 
 
-with_free_ports = with_reserved_ports  # the old name, until tests/test_api_operator.py uses start_simulator
-
 
 def served_cell(src: Path, dst_dir: Path, sim: SimulatorServer) -> Path:
     """Copy a cell config, each endpoint's configured port replaced by the port the simulator serves it on."""

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from collector.api.app import ApiSettings, create_app
+from collector.api.app import API_MQTT, ApiSettings, create_app
 from collector.api.tokens import issue_token
 from collector.balance.wiring import InfluxEngine
 from collector.lineprotocol import Row, encode
@@ -63,7 +63,7 @@ class ApiData:
         return Registry(self.cells)
 
     def settings(self, **kw: object) -> ApiSettings:
-        base: dict[str, object] = {"tokens_file": self.tokens_file, "mqtt_port": self.mosquitto.port,
+        base: dict[str, object] = {"tokens_file": self.tokens_file, "mqtt": API_MQTT.replace(port=self.mosquitto.port),
                                    "watch_status": False, "clock": lambda: float(NOW_S), "public_rate_per_s": 0.0}
         return ApiSettings(InfluxSettings(url=self.influx.url, database=self.influx.database), **{**base, **kw})
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from collector.ingest import CollectorSettings
+from collector.ingest import COLLECTOR_MQTT, CollectorSettings
 from collector.registry import Registry
 from collector.service import run_collector
 from collector.storage import InfluxSettings
 from edge.cell import CellConfig, load_cell
 from edge.sim import SimulatorServer
-from gateway.uplink import BrokerSettings
+from gateway.settings import gateway_mqtt
 from edge.sim.ports import reserve_port
 from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, start_simulator
@@ -61,9 +61,9 @@ async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mos
     sim, cfg = await _simulated(tmp_path)
     recorder = Recorder(mosquitto.port)
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=mosquitto.port, reconnect_max_s=3), tmp_path / "ob.sqlite")
-    collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2,
-                                  audit_interval_s=2, audit_grace_s=3)
+    gw = RecordingGateway(cfg, "gw-two", gateway_mqtt(port=mosquitto.port, reconnect_max_s=3), tmp_path / "ob.sqlite")
+    collector = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=mosquitto.port, client_id="test-collector"),
+                                  flush_interval_s=0.2, audit_interval_s=2, audit_grace_s=3)
     tasks = [asyncio.create_task(gw.run(stop)),
              asyncio.create_task(run_collector(collector, InfluxSettings(url=influxdb.url), Registry({"twocell": cfg}),
                                                stop=stop))]
@@ -144,8 +144,8 @@ async def test_sigkill_then_restart_delivers_the_outbox_and_continues_the_sequen
     cfg = load_cell(cfg_path)
     recorder = Recorder(mosquitto.port)
     stop = asyncio.Event()
-    collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2,
-                                  audit_interval_s=2, audit_grace_s=3)
+    collector = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=mosquitto.port, client_id="test-collector"),
+                                  flush_interval_s=0.2, audit_interval_s=2, audit_grace_s=3)
     ctask = asyncio.create_task(run_collector(collector, InfluxSettings(url=influxdb.url),
                                               Registry({"twocell": cfg}), stop=stop))
     outbox = tmp_path / "outbox.sqlite"
@@ -206,7 +206,7 @@ async def test_full_outbox_applies_its_policy_and_counts_it(tmp_path: Path, poli
     sim, cell = await start_simulator(tmp_path / "src/twocell.yaml", tmp_path / "cells")
     cfg = load_cell(cell)
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=reserve_port()), tmp_path / "ob.sqlite")
+    gw = RecordingGateway(cfg, "gw-two", gateway_mqtt(port=reserve_port()), tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
     reason = "full_" + policy
 
@@ -241,7 +241,7 @@ async def test_failing_devices_are_reported_and_retried_while_others_keep_their_
     reported (metrics, /healthz) and retried until it recovers, and the healthy one is polled on time."""
     sim, cfg = await _simulated(tmp_path, "faultcell.yaml")
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-fault", BrokerSettings(port=mosquitto.port), tmp_path / "ob.sqlite")
+    gw = RecordingGateway(cfg, "gw-fault", gateway_mqtt(port=mosquitto.port), tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
     faulty = ("silent", "refusing", "dropping")
     every = {d.id for _, d in cfg.devices()}
@@ -329,7 +329,7 @@ async def test_a_publish_the_broker_refuses_is_kept_and_reported(tmp_path: Path)
     sim, cfg = await _simulated(tmp_path)
     recorder = Recorder(broker.port, client_id="recorder", username="recorder")  # persistent session: it hears what comes after a restart
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=broker.port, username="gw-two", reconnect_max_s=1),
+    gw = RecordingGateway(cfg, "gw-two", gateway_mqtt(port=broker.port, username="gw-two", reconnect_max_s=1),
                           tmp_path / "ob.sqlite")
     task = asyncio.create_task(gw.run(stop))
     try:

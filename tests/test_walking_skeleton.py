@@ -9,15 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collector.api.app import ApiSettings, create_app
+from collector.api.app import API_MQTT, ApiSettings, create_app
 from collector.api.tokens import issue_token
-from collector.ingest import CollectorSettings
+from collector.ingest import COLLECTOR_MQTT, CollectorSettings
 from collector.registry import Registry
 from collector.service import run_collector
 from collector.storage import InfluxSettings
 from edge.cell import load_cell
 from gateway.service import GatewayService
-from gateway.uplink import BrokerSettings
+from gateway.settings import gateway_mqtt
 from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, start_simulator
 from tests.helpers import wait_for
@@ -30,9 +30,10 @@ async def test_register_change_reaches_influxdb(tmp_path: Path, mosquitto: Mosqu
     sim, cell = await start_simulator(ROOT / "tests/data/tinycell.yaml", tmp_path / "cells")
     cfg = load_cell(cell)
     stop = asyncio.Event()
-    gw = GatewayService(cfg, "gw-tiny", BrokerSettings(port=mosquitto.port), tmp_path / "outbox.sqlite")
+    gw = GatewayService(cfg, "gw-tiny", gateway_mqtt(port=mosquitto.port), tmp_path / "outbox.sqlite")
     influx = InfluxSettings(url=influxdb.url, database=influxdb.database)
-    collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2)
+    collector = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=mosquitto.port, client_id="test-collector"),
+                                  flush_interval_s=0.2)
     tasks = [asyncio.create_task(gw.run(stop)),
              asyncio.create_task(run_collector(collector, influx, Registry({cfg.cell.id: cfg}), stop=stop))]
     try:
@@ -65,13 +66,14 @@ async def test_api_latest_matches_simulator(tmp_path: Path, mosquitto: Mosquitto
     sim.pin("tinycell", "grid", "voltage_l1", 233.25)
     stop = asyncio.Event()
     registry = Registry({cfg.cell.id: cfg})
-    gw = GatewayService(cfg, "gw-tiny", BrokerSettings(port=mosquitto.port), tmp_path / "outbox.sqlite")
+    gw = GatewayService(cfg, "gw-tiny", gateway_mqtt(port=mosquitto.port), tmp_path / "outbox.sqlite")
     influx = InfluxSettings(url=influxdb.url, database=influxdb.database)
-    collector = CollectorSettings(mqtt_port=mosquitto.port, client_id="test-collector", flush_interval_s=0.2)
+    collector = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=mosquitto.port, client_id="test-collector"),
+                                  flush_interval_s=0.2)
     tasks = [asyncio.create_task(gw.run(stop)),
              asyncio.create_task(run_collector(collector, influx, registry, stop=stop))]
     token = issue_token(tmp_path / "api-tokens", "tests")
-    app = create_app(registry, ApiSettings(influx, mqtt_port=mosquitto.port, tokens_file=tmp_path / "api-tokens"))
+    app = create_app(registry, ApiSettings(influx, mqtt=API_MQTT.replace(port=mosquitto.port), tokens_file=tmp_path / "api-tokens"))
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
                                      headers={"Authorization": f"Bearer {token}"}) as client:

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from collector.api.ratelimit import RateLimiter
 from collector.api.status import StatusWatcher
 from collector.api.timerange import bounded_times
 from collector.api.tokens import TokenStore
-from collector.audit import BATCH_MEASUREMENT
+from collector.encode import BATCH_MEASUREMENT
 from collector.query import InfluxQL, QueryError, ident
 from collector.registry import Registry
 from collector.storage import InfluxSettings
@@ -58,9 +58,6 @@ cached for a minute and limited per client address.
 
 #: the API's broker connection: a clean session under a random id, so replicas never share state
 API_MQTT = MqttSettings(reconnect_min_s=0.5, reconnect_max_s=30.0)
-#: the connection fields ApiSettings took before `mqtt`, and their MqttSettings names
-_LEGACY_MQTT = {"mqtt_host": "host", "mqtt_port": "port", "mqtt_username": "username", "mqtt_password": "password",
-                "mqtt_tls": "tls", "mqtt_ca": "ca_file"}
 
 
 @dataclass(frozen=True)
@@ -78,18 +75,6 @@ class ApiSettings:
     public_cache_s: float = 60.0
     #: seconds since the epoch; tests and benchmarks pin it
     clock: Callable[[], float] = field(default=time.time, compare=False)
-    # until every caller passes `mqtt=` (tests, the demo): the connection fields as they were (None: not given)
-    mqtt_host: InitVar[str | None] = None
-    mqtt_port: InitVar[int | None] = None
-    mqtt_username: InitVar[str | None] = None
-    mqtt_password: InitVar[str | None] = None
-    mqtt_tls: InitVar[bool | None] = None
-    mqtt_ca: InitVar[str | None] = None
-
-    def __post_init__(self, *legacy: Any) -> None:
-        given = {_LEGACY_MQTT[name]: v for name, v in zip(_LEGACY_MQTT, legacy, strict=True) if v is not None}
-        if given:
-            object.__setattr__(self, "mqtt", self.mqtt.replace(**given))
 
 
 def create_app(registry: Registry, settings: ApiSettings) -> FastAPI:

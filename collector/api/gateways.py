@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from collector.api.status import StatusWatcher
-from collector.audit import BATCH_MEASUREMENT
+from collector.encode import BATCH_MEASUREMENT
 from collector.query import InfluxQL, ident, literal
 from collector.registry import Registry
 from collector.api.errors import known_cell

@@ -16,16 +16,16 @@ import uvicorn
 from rich.console import Console
 from rich.table import Table
 
-from collector.api.app import ApiSettings, create_app
+from collector.api.app import API_MQTT, ApiSettings, create_app
 from collector.api.tokens import issue_token
-from collector.ingest import CollectorSettings
+from collector.ingest import COLLECTOR_MQTT, CollectorSettings
 from collector.registry import Registry
 from collector.service import run_collector
 from collector.storage import InfluxSettings
 from edge.cell import load_cells
 from edge.sim import SimClock, SimulatorServer
 from gateway.service import GatewayService
-from gateway.uplink import BrokerSettings
+from gateway.settings import gateway_mqtt
 from kwwk.dev.history import backfill
 from kwwk.dev.localservers import InfluxDB1, Mosquitto, _port_open
 
@@ -81,18 +81,19 @@ class Demo:
         inner_stop = asyncio.Event()
         issue_token(self.tokens_file, "demo", save_to=self.token_file)  # a fresh operator token each run
         api = _Uvicorn(uvicorn.Config(
-            create_app(Registry(self.cells), ApiSettings(influx_settings, mqtt_port=self.mqtt_port,
-                                                         tokens_file=self.tokens_file)),
+            create_app(Registry(self.cells), ApiSettings(
+                influx_settings, mqtt=API_MQTT.replace(host=self.host, port=self.mqtt_port), tokens_file=self.tokens_file)),
             host=self.host, port=self.api_port, log_config=None, log_level="warning"))
         try:
             await sim.start()
-            broker = BrokerSettings(host=self.host, port=self.mqtt_port)
+            broker = gateway_mqtt(host=self.host, port=self.mqtt_port)
             for cfg in self.cells.values():
                 for gw in cfg.gateways:
                     svc = GatewayService(cfg, gw.id, broker, self.var / "gateway" / f"{gw.id}.sqlite")
                     gateways.append(svc)
                     tasks.append(asyncio.create_task(svc.run(inner_stop), name=f"demo.gateway.{gw.id}"))
-            collector = CollectorSettings(mqtt_host=self.host, mqtt_port=self.mqtt_port, client_id="kwwk-demo-collector")
+            collector = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(host=self.host, port=self.mqtt_port,
+                                                                        client_id="kwwk-demo-collector"))
             tasks.append(asyncio.create_task(
                 run_collector(collector, influx_settings, Registry(self.cells), stop=inner_stop), name="demo.collector"))
             tasks.append(asyncio.create_task(api.serve(), name="demo.api"))
