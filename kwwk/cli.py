@@ -242,7 +242,6 @@ def api_run(
                 proxy_headers=forwarded_allow_ips is not None, forwarded_allow_ips=forwarded_allow_ips)
 
 
-@app.command("demo", epilog="Example: kwwk demo --duration 120")
 def demo(
     cells: CellsOpt = DEFAULT_CELLS,
     duration: Annotated[float | None, typer.Option(help="stop by itself after this many seconds")] = None,
@@ -265,6 +264,10 @@ def demo(
         d = Demo(cells, var, api_port=api_port, mqtt_port=mqtt_port, influx_port=influx_port, sim_speed=sim_speed,
                  history_hours=history)
     _run(lambda stop: d.run(stop, duration))
+
+
+if _installed("kwwk.dev"):  # development tooling: not in a gateway's install
+    app.command("demo", epilog="Example: kwwk demo --duration 120")(demo)
 
 
 def main() -> None:  # pragma: no cover

@@ -145,10 +145,6 @@ def test_a_gateway_install_loads_nothing_central(wheels: dict[str, Path], tmp_pa
 
 def test_a_gateway_install_offers_only_gateway_and_commission(wheels: dict[str, Path], tmp_path: Path) -> None:
     found = _probe(_unpack(tmp_path, wheels["root"]), tmp_path)
-    if set(found["commands"]) == {"gateway", "commission", "demo"}:
-        # the one known exception, owned by kwwk/cli.py's command block: remove once `demo` is registered only
-        # when kwwk.dev is installed (the test then passes by itself)
-        pytest.xfail("kwwk/cli.py registers `demo` with @app.command whatever is installed")
     assert set(found["commands"]) == {"gateway", "commission"}
 
 
