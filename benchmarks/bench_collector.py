@@ -53,7 +53,8 @@ def _published(point: str, variation: int) -> float:
     base = next(v for k, v in _TYPICAL.items() if point.startswith(k))
     word_order, byte_order = PROFILE.orders(p)
     words = encode_value(base * (1 + (variation - 50) / 1000), p.type, word_order=word_order, byte_order=byte_order)
-    value = PROFILE.engineering(p, PROFILE.decode_raw(p, words), {})
+    image = {p.table: {PROFILE.wire(p) + i: w for i, w in enumerate(words)}}
+    value = PROFILE.decode_points(image, [p]).values.get(p.name)
     assert isinstance(value, float)
     return value
 

@@ -41,11 +41,7 @@ STEP_S = 60
 
 def _gateway_read(profile: Profile, image: RegisterImage, point: Point) -> float:
     """Decode one point from the register image the way the gateway does (scale factor included)."""
-    raw: dict[str, int | float | str | None] = {}
-    for p in [point] + ([profile.by_name[point.scale_register]] if point.scale_register else []):
-        base = profile.wire(p)
-        raw[p.name] = profile.decode_raw(p, [image.tables[p.table].get(base + i, 0) for i in range(p.registers)])
-    value = profile.engineering(point, raw[point.name], raw)
+    value = profile.decode_points(image.tables, profile.with_scale_factors([point])).values[point.name]
     assert isinstance(value, float)
     return value
 

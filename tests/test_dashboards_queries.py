@@ -51,11 +51,7 @@ DATASOURCES = ROOT / "dashboards" / "provisioning" / "datasources" / "influxdb.y
 
 def _read(profile: Profile, image: RegisterImage, point: Point) -> float | None:
     """Decode one point from the register image the way the gateway does (scale factors included)."""
-    raw: dict[str, Any] = {}
-    for p in [point] + ([profile.by_name[point.scale_register]] if point.scale_register else []):
-        base = profile.wire(p)
-        raw[p.name] = profile.decode_raw(p, [image.tables[p.table].get(base + i, 0) for i in range(p.registers)])
-    value = profile.engineering(point, raw[point.name], raw)
+    value = profile.decode_points(image.tables, profile.with_scale_factors([point])).values.get(point.name)
     return value if isinstance(value, float) else None
 
 

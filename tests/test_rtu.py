@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from edge.modbus import DeviceBackoff, DeviceReader, LineDown, LineRegistry, LineSpec, ModbusLine, ReadTimeout
-from edge.sim.modbus_server import SimServer, image_for
+from edge.sim.image import image_for
+from edge.sim.modbus_server import SimServer
 from edge.profile import get_profile
 
 pytestmark = pytest.mark.integration  # socat (installed by make) links two pseudo-terminals: see pty_pair

@@ -24,9 +24,9 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge.modbus._line import LineSpec
-from edge.sim.image import Image, image_for  # image_for: tests/test_rtu.py still imports it from here
+from edge.sim.image import Image
 
-__all__ = ["Image", "Observed", "SimServer", "image_for"]
+__all__ = ["Image", "Observed", "SimServer"]
 
 #: async action(function_code, start_address, address, count, registers, set_values) -> ExcCodes | None
 Action = Callable[[int, int, int, int, list[int], Any], Awaitable[ExcCodes | None]]
