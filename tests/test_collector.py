@@ -19,7 +19,7 @@ import pytest
 from collector.registry import Registry
 from edge.cell import CellConfig, load_cell
 from edge.sim import SimulatorServer
-from gateway.uplink import BrokerSettings
+from gateway.settings import gateway_mqtt
 from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, start_simulator
 from tests.helpers import RecordingGateway, rows, wait_for
@@ -42,17 +42,15 @@ class CollectorProc:
 
     async def started(self) -> None:
         """Wait until the collector has said where its health server listens (it binds port 0)."""
-        deadline = time.monotonic() + 30
-        while self._health is None:
+        def said() -> str | None:
+            assert self.proc.poll() is None, f"the collector exited: see {self.log}"
             with self.log.open("rb") as f:
                 f.seek(self._log_from)
                 started = [json.loads(line) for line in f.read().splitlines() if b'"collector started"' in line]
-            if started:
-                self._health = started[0]["health"].removesuffix("/healthz")
-            elif self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the collector did not say where its health server listens: see {self.log}")
-            else:
-                await asyncio.sleep(0.1)
+            return started[0]["health"].removesuffix("/healthz") if started else None
+
+        self._health = await wait_for(said, 30, f"the collector saying where its health server listens ({self.log})",
+                                      interval=0.1)
 
     def metric(self, name: str, **labels: str) -> float:
         want = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -102,7 +100,7 @@ def _row_count(influx: InfluxDB1, cfg: CellConfig) -> int:  # everything stored 
 async def _run_gateway(cfg: CellConfig, mosquitto: Mosquitto, tmp_path: Path) -> tuple[RecordingGateway, asyncio.Event,
                                                                                          asyncio.Task[None]]:
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-two", BrokerSettings(port=mosquitto.port, reconnect_max_s=2),
+    gw = RecordingGateway(cfg, "gw-two", gateway_mqtt(port=mosquitto.port, reconnect_max_s=2),
                           tmp_path / "outbox.sqlite")
     return gw, stop, asyncio.create_task(gw.run(stop))
 
@@ -140,7 +138,8 @@ async def test_sigkill_collector_then_restart_stores_every_reading_once(
     try:
         await wait_for(lambda: _row_count(influxdb, cfg) > 20, 20, "the collector storing")
         collector.kill()  # mid-stream: messages received but not yet written are not acknowledged
-        await asyncio.sleep(3)  # away for a while: the broker keeps what comes meanwhile in the session
+        produced = len(gw.produced)  # away for a while: the broker keeps what comes meanwhile in the session
+        await wait_for(lambda: len(gw.produced) > produced + 100, 20, "the gateway publishing while the collector is away")
         collector = CollectorProc(cells, mosquitto, influxdb, "kwwk-collector-1", log)
         await collector.started()
         await wait_for(lambda: collector.metric("kwwk_collector_readings_total", result="stored") > 0, 30,
@@ -161,10 +160,11 @@ async def test_influxdb_outage_of_60s_loses_nothing_and_memory_stays_bounded(
     rss: list[float] = []
     try:
         await wait_for(lambda: _row_count(influxdb, cfg) > 20, 20, "the collector storing")
-        await asyncio.sleep(3)  # warmed up: the memory baseline is taken while storing
+        rows = _row_count(influxdb, cfg)  # warmed up: the memory baseline is taken while storing
+        await wait_for(lambda: _row_count(influxdb, cfg) > rows + 200, 20, "the collector storing steadily")
         baseline = collector.rss_mb()
         influxdb.stop()
-        for _ in range(12):
+        for _ in range(12):  # the outage is 60 s of real time: sampling memory is all there is to do meanwhile
             await asyncio.sleep(5)
             rss.append(collector.rss_mb())
         queued = collector.metric("kwwk_collector_queue_messages")
@@ -200,7 +200,12 @@ async def test_three_replicas_share_the_load_and_losing_one_loses_nothing(
     try:
         shares = await wait_for(every_share, 30, "every replica storing a share")
         replicas[1].kill()
-        await asyncio.sleep(8)  # its session stays and keeps taking its turn of the shared subscription
+        produced = len(gw.produced)
+        # its session stays and keeps taking its turn of the shared subscription: the survivors' audit sees
+        # gaps, while the gateway goes on producing (well over the 1,000 readings asserted below)
+        await wait_for(lambda: len(gw.produced) > produced + 1500 and sum(
+            r.metric("kwwk_collector_sequence_gaps_total") for r in (replicas[0], replicas[2])), 30,
+            "the surviving replicas finding the batches the killed one swallowed")
         cutoff = await _finish(gw, stop, task, influxdb, cfg, timeout=90)
         filled = sum(r.metric("kwwk_collector_sequence_gaps_recovered_total") for r in (replicas[0], replicas[2]))
     finally:
@@ -216,7 +221,8 @@ async def test_three_replicas_share_the_load_and_losing_one_loses_nothing(
 def test_the_audit_asks_for_missing_sequence_numbers_until_they_are_stored(influxdb: InfluxDB1) -> None:
     """The audit reads kwwk_batches through the one InfluxQL client, asks once the grace has passed, asks
     again only after its backoff, and counts a gap as filled once the batch is stored."""
-    from collector.audit import BATCH_MEASUREMENT, GapAuditor
+    from collector.audit import GapAuditor
+    from collector.encode import BATCH_MEASUREMENT
     from collector.lineprotocol import encode
     from collector.metrics import CollectorMetrics
     from collector.query import BlockingInfluxQL

@@ -25,6 +25,7 @@ from edge.cell import load_cell
 from edge.mqtt import connect_kwargs, paho_client
 from kwwk.dev.localservers import InfluxDB1, Mosquitto, VictoriaMetrics
 from tests.conftest import ROOT
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -67,14 +68,12 @@ class _Harness:
             before = len(self.dead)
         self.client.publish(topic, payload, qos=1).wait_for_publish(5)
         echo = payload.decode("utf-8", errors="replace")  # a dead letter carries the payload it refused
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+
+        def letter() -> dict[str, Any] | None:
             with self._lock:
-                letter = next((d for d in self.dead[before:] if d["payload"] == echo), None)
-            if letter is not None:
-                return letter
-            time.sleep(0.01)
-        pytest.fail(f"no dead letter for {payload[:200]!r}")
+                return next((d for d in self.dead[before:] if d["payload"] == echo), None)
+
+        return wait_until(letter, 5, f"a dead letter for {payload[:200]!r}", interval=0.01)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -150,14 +149,8 @@ def test_every_bad_payload_is_dead_lettered_and_the_collector_stays_up(harness: 
     ts = int(time.time() * 1000)
     body = _valid(polls=[{"device": "grid", "ts": ts, "values": {"power": -77.25}}])
     harness.client.publish(TOPIC, json.dumps(body), qos=1).wait_for_publish(5)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        res = influxdb.query('SELECT "power" FROM "electricity_meter" WHERE "power" = -77.25')
-        if res["results"][0].get("series"):
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("a valid message after the fuzzing was not stored")
+    wait_until(lambda: influxdb.query('SELECT "power" FROM "electricity_meter" WHERE "power" = -77.25')
+               ["results"][0].get("series"), 10, "a valid message sent after the fuzzing to be stored", interval=0.2)
     assert harness.ingest.metrics.rejects.labels("bad_json")._value.get() >= 1  # noqa: SLF001
 
 
@@ -238,14 +231,14 @@ def test_v2_write_path_to_a_real_v2_api(victoria: VictoriaMetrics) -> None:
                           {"power": -4321.5, "energy_import": 12345.5})]))
     writer.close()
     httpx.post(f"{victoria.url}/internal/force_flush", timeout=5)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def exported() -> list[dict[str, Any]] | None:
         r = httpx.get(f"{victoria.url}/api/v1/export", params={"match[]": '{__name__=~"electricity_meter_.*"}'},
                       timeout=5)
         lines = [json.loads(line) for line in r.text.splitlines() if line]
-        if len(lines) == 2:
-            break
-        time.sleep(0.3)
+        return lines if len(lines) == 2 else None
+
+    lines = wait_until(exported, 10, "both fields of the v2 write exported by VictoriaMetrics", interval=0.3)
     got = {m["metric"]["__name__"]: (m["values"][0], m["timestamps"][0], m["metric"]["device"]) for m in lines}
     assert got["electricity_meter_power"] == (-4321.5, ts, "grid")
     assert got["electricity_meter_energy_import"] == (12345.5, ts, "grid")

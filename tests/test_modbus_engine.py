@@ -235,7 +235,7 @@ async def test_one_request_in_flight_and_fifo_between_devices_and_commissioning(
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # a slow device: the reply takes time, which is what overlapping requests would show
         in_flight -= 1
 
     units = {u: {"holding": {i: u * 100 + i for i in range(10)}} for u in (1, 2, 3)}
@@ -256,7 +256,7 @@ async def test_one_request_in_flight_and_fifo_between_devices_and_commissioning(
 
 async def test_a_read_cancelled_while_queued_is_never_sent() -> None:
     async def slow(*_: Any) -> None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a slow device: the first read is still in flight while the second waits its turn
 
     async with SimServer({1: {"holding": {0: 1, 1: 2}}}, actions={1: slow}) as server:
         line = ModbusLine(server.spec(timeout=1.0))
@@ -274,7 +274,7 @@ async def test_a_read_cancelled_while_queued_is_never_sent() -> None:
 
 async def test_close_fails_queued_reads() -> None:
     async def slow(*_: Any) -> None:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a slow device: reads stay queued behind this one while the line closes
 
     async with SimServer({1: {"holding": {0: 1}}}, actions={1: slow}) as server:
         line = ModbusLine(server.spec(timeout=1.0))
@@ -310,7 +310,7 @@ async def test_dead_unit_on_a_shared_bus_backs_off_and_never_starves_the_live_on
                 reads[unit].append(await readers[unit].read())
                 if unit != 3:
                     slowest = max(slowest, time.monotonic() - t0)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # poll pacing, as a gateway's poller spaces its reads
 
         await asyncio.gather(*(poll(u) for u in (1, 2, 3)))
         await registry.close()
