@@ -12,7 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from edge.modbus import LineSpec
 from edge.profile import PROFILE_DIR, Point, Profile, load_profile, profile_ids
-from edge.yamlio import ConfigError, LineMap, line_of, load_yaml, validate
+from edge.yamlio import ConfigError, LineMap, line_of, load_checked
 
 __all__ = [
     "RATE_UNITS", "ROLES", "Cell", "CellConfig", "Connection", "Device", "Gateway", "MeterChange", "SerialLine",
@@ -302,13 +302,7 @@ def _check_cell(cfg: CellConfig, lines: LineMap) -> list[tuple[int | None, str, 
 
 def load_cell(path: Path | str) -> CellConfig:
     """Load and check a cell file; every error names the file, the line and the field."""
-    path = Path(path)
-    data, lines = load_yaml(path)
-    cfg = validate(CellConfig, data, path, lines)
-    problems = _check_cell(cfg, lines)
-    if problems:
-        raise ConfigError(path, problems)
-    return cfg.model_copy(update={"source": str(path)})
+    return load_checked(CellConfig, path, _check_cell).model_copy(update={"source": str(path)})
 
 
 def load_cells(directory: Path | str) -> dict[str, CellConfig]:

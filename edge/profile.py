@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from edge.codec import REGISTER_COUNT, Order, decode_words, shortest_f32
 from edge.quantities import QUANTITIES
-from edge.yamlio import ConfigError, LineMap, line_of, load_yaml, validate
+from edge.yamlio import LineMap, line_of, load_checked
 
 __all__ = [
     "PROFILE_DIR", "DataType", "Decoded", "GoldenVector", "Point", "Profile", "RegisterType",
@@ -368,14 +368,9 @@ def _check_profile(p: Profile, lines: LineMap, path: Path) -> list[tuple[int | N
 def load_profile(path: Path | str) -> Profile:
     """Load and check one profile file; raise ConfigError naming file, line, point and field."""
     path = Path(path)
-    data, lines = load_yaml(path)
-    if isinstance(data, dict) and "id" not in data:
-        data = {"id": path.stem, **data}
-    profile = validate(Profile, data, path, lines)
-    problems = _check_profile(profile, lines, path)
-    if problems:
-        raise ConfigError(path, problems)
-    return profile
+    return load_checked(Profile, path, lambda profile, lines: _check_profile(profile, lines, path),
+                        prepare=lambda data: {"id": path.stem, **data}
+                        if isinstance(data, dict) and "id" not in data else data)
 
 
 def profile_ids(directory: Path = PROFILE_DIR) -> list[str]:

@@ -6,7 +6,7 @@ so we keep a map from each value's path to its line while loading.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,11 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from edge.errors import KwwkError
 
-__all__ = ["ConfigError", "LineMap", "load_yaml", "validate"]
+__all__ = ["ConfigError", "LineMap", "Problems", "load_checked", "load_yaml", "validate"]
 
 Loc = tuple[str | int, ...]
 LineMap = dict[Loc, int]
 M = TypeVar("M", bound=BaseModel)
+#: (line, field, message) of each thing wrong in a file
+Problems = list[tuple[int | None, str, str]]
 
 
 class ConfigError(KwwkError, ValueError):
@@ -136,3 +138,18 @@ def validate(model: type[M], data: Any, path: Path | str, lines: LineMap, contex
                 msg = "unknown field (check the spelling)"
             problems.append((line_of(lines, loc), _field(loc, data), msg))
         raise ConfigError(path, problems) from None
+
+
+def load_checked(model: type[M], path: Path | str, check: Callable[[M, LineMap], Problems],
+                 prepare: Callable[[Any], Any] | None = None) -> M:
+    """Load a YAML file, validate it with its pydantic model, then run the checks a model cannot express
+    (across fields, against other files); raise one ConfigError naming file, line and field of each problem.
+
+    The one loader of every config-as-data file (cell configs, device profiles, SunSpec models)."""
+    path = Path(path)
+    data, lines = load_yaml(path)
+    obj = validate(model, prepare(data) if prepare else data, path, lines)
+    problems = check(obj, lines)
+    if problems:
+        raise ConfigError(path, problems)
+    return obj

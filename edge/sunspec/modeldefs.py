@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge.yamlio import ConfigError, LineMap, line_of, load_yaml, validate
+from edge.yamlio import LineMap, line_of, load_checked
 
 __all__ = [
     "MODEL_DIR", "TYPE_SIZE", "ModelDef", "PointDef", "RepeatingDef", "SunSpecType",
@@ -183,12 +183,7 @@ def _check_model(m: ModelDef, path: Path, lines: LineMap) -> list[tuple[int | No
 def load_model(path: Path | str) -> ModelDef:
     """Load and check one model file; raise ConfigError naming file, line and field."""
     path = Path(path)
-    data, lines = load_yaml(path)
-    model = validate(ModelDef, data, path, lines)
-    problems = _check_model(model, path, lines)
-    if problems:
-        raise ConfigError(path, problems)
-    return model
+    return load_checked(ModelDef, path, lambda model, lines: _check_model(model, path, lines))
 
 
 def model_ids(directory: Path = MODEL_DIR) -> list[int]:
