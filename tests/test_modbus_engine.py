@@ -274,10 +274,12 @@ async def test_a_read_cancelled_while_queued_is_never_sent() -> None:
 
 async def test_close_fails_queued_reads() -> None:
     async def slow(*_: Any) -> None:
-        await asyncio.sleep(0.1)  # a slow device: reads stay queued behind this one while the line closes
+        # a device slow enough that its reply cannot arrive before the close, even on a loaded machine:
+        # one read stays on the wire and two stay queued behind it while the line closes
+        await asyncio.sleep(2.0)
 
     async with SimServer({1: {"holding": {0: 1}}}, actions={1: slow}) as server:
-        line = ModbusLine(server.spec(timeout=1.0))
+        line = ModbusLine(server.spec(timeout=5.0))
         tasks = [asyncio.create_task(line.read(1, "holding", 0, 1)) for _ in range(3)]
         await wait_for(lambda: line.pending == 2, 5, "one read on the wire, two queued", 0.001)
         await line.close()

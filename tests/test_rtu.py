@@ -85,8 +85,12 @@ async def test_two_live_meters_and_a_dead_one_on_one_rtu_bus(pty_pair: tuple[str
     print(f"\nRTU bus: {len(results[1])}+{len(results[2])} live reads, {len(dead)} dead-unit reads, "
           f"{probes} requests to the dead unit, slowest live read {slowest:.3f} s, line {stats}")
     assert live_requests >= 20 * 3 // 2
-    assert live_requests == 3 * (len(results[1]) + len(results[2])), "three requests per live read, none repeated"
-    assert stats["timeouts"] == probes
+    # a live meter's reply can miss the 0.2 s timeout on a loaded machine: the line then sends that request
+    # once more (retries=1), and counts the timeout; nothing else is ever repeated
+    live_timeouts = stats["timeouts"] - probes
+    assert 0 <= live_timeouts <= 2, f"live meters timed out {live_timeouts} times"
+    assert live_requests == 3 * (len(results[1]) + len(results[2])) + live_timeouts, \
+        "three requests per live read, one more only for a retry after a timeout"
     # the line's counters agree with what the server saw: every request sent arrived, all but the
     # dead unit's were answered, on the one connection the arbiter held throughout
     assert stats["requests"] == len(server.seen) == live_requests + probes
