@@ -99,3 +99,26 @@ def test_grafana_provisioning_parses_and_points_at_mounted_folders() -> None:
     for p in providers:
         assert p["options"]["path"] in mounts, "the provider reads a folder compose does not mount"
         assert Path(ROOT / mounts[p["options"]["path"]]).is_dir()
+
+
+def test_only_the_tls_listener_is_published_and_the_plain_one_stays_internal() -> None:
+    """Gateways reach the broker over TLS (8883); plain MQTT (1883) is for the services on the compose network."""
+    broker = COMPOSE["services"]["mosquitto"]
+    published = {str(p["target"]) if isinstance(p, dict) else str(p).split("/")[0].rsplit(":", 1)[-1]
+                 for p in broker.get("ports", [])}
+    assert published == {"8883"}, f"the broker publishes {published} to the host"
+    # compose appends security.conf (listeners, TLS, access control) to mosquitto.conf
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in broker["volumes"] if v.startswith("./")}
+    assert mounts["./firmware_configs/mosquitto/security.conf"] in " ".join(broker["command"])
+    assert mounts["./firmware_configs/mosquitto/mosquitto.conf"] in " ".join(broker["command"])
+    security = [line.split() for line in (ROOT / "firmware_configs/mosquitto/security.conf").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    listeners = [words[1] for words in security if words[0] == "listener"]
+    assert listeners == ["1883", "8883"]
+    # every listener makes the client id the username: nobody can take another account's session
+    blocks = " ".join(" ".join(w) for w in security).split("listener ")[1:]
+    assert all("use_username_as_clientid true" in b for b in blocks), blocks
+    assert any(w[0] == "plugin" and w[1].endswith("mosquitto_dynamic_security.so") for w in security)
+    # services reach the broker on the internal network, by its service name
+    for name in ("collector", "api"):
+        assert COMPOSE["services"][name]["environment"]["KWWK_MQTT_HOST"] == "mosquitto", name
