@@ -350,3 +350,261 @@ def test_the_api_account_may_read_gateway_status_and_nothing_else() -> None:
     acl = render_acl([Account("api", "api")]).splitlines()
     grants = [line for line in acl if line.startswith("topic")]
     assert grants == ["topic read kwwk/v1/+/+/status"]
+
+
+# ---------------------------------------------------------------------------------------------- against a gateway's
+# own credentials: the shipped security.conf (dynamic-security plugin, client id = username), real Mosquitto 2.0.11
+
+SECURITY_CONF = Path(__file__).resolve().parents[1] / "firmware_configs" / "mosquitto" / "security.conf"
+DYNSEC_PLUGIN = next(iter(sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))),
+                     Path("/usr/lib/mosquitto_dynamic_security.so"))
+SHARED = "$share/kwwk-collectors/kwwk/v1/+/+/telemetry"
+GRANTED, NOT_AUTHORIZED = 0x01, 0x87
+
+
+def shipped_security(dynsec_file: Path) -> str:
+    """The access-control lines of the shipped security.conf with this machine's paths, for the test broker's
+    loopback listener (its listeners and TLS files are the deployment's)."""
+    out: list[str] = []
+    for line in SECURITY_CONF.read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#") or words[0] in ("listener", "cafile", "certfile", "keyfile"):
+            continue
+        if words[0] == "plugin":
+            out.append(f"plugin {DYNSEC_PLUGIN}")
+        elif words[0] == "plugin_opt_config_file":
+            out.append(f"plugin_opt_config_file {dynsec_file}")
+        elif words[0] == "use_username_as_clientid":
+            if line.strip() not in out:
+                out.append(line.strip())
+        else:
+            pytest.fail(f"security.conf has a line this test does not know how to run: {line}")
+    return "\n".join(out)
+
+
+class SubClient(Client):
+    """Client that also returns each SUBACK's reason code."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.sub_reasons: dict[int, int] = {}
+        self.disconnects = 0
+        super().__init__(*args, **kwargs)
+        self.c.on_disconnect = self._on_disconnect
+
+    def _on_disconnect(self, *_: Any) -> None:
+        self.disconnects += 1
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        with self._lock:
+            self.sub_reasons[mid] = int(reasons[0].value)
+            self.acks[mid] = 0
+            self._lock.notify_all()
+
+    def subscribe_reason(self, topic: str) -> int:
+        _, mid = self.c.subscribe(topic, qos=1)
+        with self._lock:
+            assert self._lock.wait_for(lambda: mid in self.sub_reasons, 5), f"no SUBACK for {topic}"
+            return self.sub_reasons[mid]
+
+
+@pytest.fixture
+def hardened(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path, dict[str, Any]]]:
+    """Mosquitto with the shipped security.conf: the generated dynamic-security file, client id = username; two
+    collector replicas with an account each, and the time beacon's."""
+    cells = load_cells(write_cells(tmp_path / "cells", {"alpha": ["gw-a"], "beta": ["gw-b"]}))
+    summary = write_broker_files(cells, tmp_path / "broker", tmp_path / "secrets",
+                                 collectors=("collector-1", "collector-2"), beacon="beacon")
+    assert stat.S_IMODE(summary.dynsec_file.stat().st_mode) == 0o600
+    server = Mosquitto(tmp_path / "mosquitto", anonymous=False, extra=shipped_security(summary.dynsec_file))
+    server.start()
+    yield server, tmp_path / "secrets", cells
+    server.stop()
+
+
+@pytest.mark.integration
+def test_with_acl_file_alone_mosquitto_2_0_grants_a_gateway_the_collectors_shared_group(
+        secured: tuple[Mosquitto, Path, dict[str, Any]]) -> None:
+    """Why the shipped config does not rely on acl_file: Mosquitto 2.0.11 grants every SUBSCRIBE under it and
+    filters only delivery, so a gateway joins the collectors' group and the collector misses its turn."""
+    server, secrets, _ = secured
+    col = SubClient(server.port, "collector", _secret(secrets, "collector"), "col")
+    a = SubClient(server.port, "gw-a", _secret(secrets, "gw-a"), "a")
+    b = Client(server.port, "gw-b", _secret(secrets, "gw-b"), "b")
+    try:
+        assert col.subscribe_reason(SHARED) == GRANTED
+        assert col.subscribe_reason(status_topic("beta", "gw-b")) == GRANTED
+        assert a.subscribe_reason(SHARED) == GRANTED  # the hole
+        for i in range(10):
+            b.publish(telemetry_topic("beta", "gw-b"), f"m{i}".encode())
+        # one publisher's messages are forwarded in order: once its status arrived, the telemetry was dealt
+        b.publish(status_topic("beta", "gw-b"), b"last")
+        col.received((status_topic("beta", "gw-b"), b"last"))
+        telemetry = [m for m in col.messages if m[0] == telemetry_topic("beta", "gw-b")]
+        assert a.messages == []  # delivery is filtered: the gateway's turns are discarded, not delivered
+        assert 0 < len(telemetry) < 10, f"the gateway took no turn of the shared subscription: {telemetry}"
+    finally:
+        for c in (a, b, col):
+            c.close()
+
+
+@pytest.mark.integration
+def test_shipped_security_grants_each_account_only_its_own_subscriptions_and_topics(
+        hardened: tuple[Mosquitto, Path, dict[str, Any]]) -> None:
+    server, secrets, _ = hardened
+    ok = (0x00, 0x10)
+    a = SubClient(server.port, "gw-a", _secret(secrets, "gw-a"), "gw-a")
+    col = SubClient(server.port, "collector-1", _secret(secrets, "collector-1"), "collector-1")
+    api = SubClient(server.port, "api", _secret(secrets, "api"), "api")
+    beacon = SubClient(server.port, "beacon", _secret(secrets, "beacon"), "beacon")
+    try:
+        # a gateway subscribes to its own resend requests and the time beacon, to nothing else
+        assert a.subscribe_reason(resend_topic("alpha", "gw-a")) == GRANTED
+        assert a.subscribe_reason(TIME_TOPIC) == GRANTED
+        for topic in (SHARED, "$share/other/kwwk/v1/+/+/telemetry", "$share/kwwk-collectors/#", "#", "+/#",
+                      "kwwk/v1/#", telemetry_topic("beta", "gw-b"), resend_topic("beta", "gw-b"),
+                      status_topic("beta", "gw-b"), "kwwk/v1/_deadletter/#", "$SYS/#"):
+            assert a.subscribe_reason(topic) == NOT_AUTHORIZED, topic
+        assert a.publish(telemetry_topic("alpha", "gw-a")) in ok and a.publish(status_topic("alpha", "gw-a")) in ok
+        for topic in (telemetry_topic("beta", "gw-b"), resend_topic("alpha", "gw-a"), TIME_TOPIC, "anything/else"):
+            assert a.publish(topic) == NOT_AUTHORIZED, topic
+        # a collector joins its group (no other), asks for resends, files dead letters; it forges no telemetry
+        assert col.subscribe_reason(SHARED) == GRANTED
+        assert col.subscribe_reason("$share/other/kwwk/v1/+/+/telemetry") == NOT_AUTHORIZED
+        assert col.publish(resend_topic("alpha", "gw-a"), b"resend-a") in ok
+        assert col.publish(deadletter_topic("alpha", "gw-a")) in ok
+        assert col.publish(telemetry_topic("alpha", "gw-a")) == NOT_AUTHORIZED
+        a.received((resend_topic("alpha", "gw-a"), b"resend-a"))
+        # the API reads gateway status, the beacon writes the beacon; neither anything else
+        assert api.subscribe_reason("kwwk/v1/+/+/status") == GRANTED
+        assert api.subscribe_reason(SHARED) == NOT_AUTHORIZED and api.subscribe_reason("#") == NOT_AUTHORIZED
+        assert api.publish(status_topic("alpha", "gw-a")) == NOT_AUTHORIZED
+        assert beacon.publish(TIME_TOPIC, b"now") in ok
+        assert beacon.publish(telemetry_topic("alpha", "gw-a")) == NOT_AUTHORIZED
+        assert beacon.subscribe_reason(SHARED) == NOT_AUTHORIZED
+        a.received((TIME_TOPIC, b"now"))
+        assert {t for t, _ in a.messages} == {resend_topic("alpha", "gw-a"), TIME_TOPIC}
+        for user, password in (("gw-a", "wrong"), ("nobody", "x"), (None, None)):
+            intruder = Client(server.port, user, password, f"intruder-{user}")
+            assert intruder.connack.is_failure, user
+            intruder.close()
+    finally:
+        for c in (a, col, api, beacon):
+            c.close()
+
+
+def _stored_powers(influx: InfluxDB1) -> set[float]:
+    return {v[1] for v in _rows(influx, 'SELECT "power" FROM "electricity_meter" WHERE "gateway" = \'gw-b\'')}
+
+
+def _publish_and_time(b: Client, influx: InfluxDB1, values: list[float], first_seq: int) -> float:
+    """Publish one batch of gateway B per value (20 a second), wait until each is stored; the worst time from
+    its PUBACK to its appearance in InfluxDB (polled every 0.1 s), in seconds."""
+    sent: dict[float, float] = {}
+    seen: dict[float, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:  # polls while publishing: a reading's time to InfluxDB, not the whole run's
+        while not done.is_set() and not (sent and len(seen) == len(values)):
+            now = time.monotonic()
+            for v in _stored_powers(influx) & set(values):
+                seen.setdefault(v, now)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for i, v in enumerate(values):
+        b.publish(telemetry_topic("beta", "gw-b"), _batch("beta", "gw-b", "grid-gw-b", v, first_seq + i))
+        sent[v] = time.monotonic()
+        time.sleep(0.05)  # a gateway's pace: time passing is the point
+    watcher.join(10)
+    done.set()
+    missing = sorted(set(values) - set(seen))
+    assert not missing, f"{len(missing)} of gateway B's readings were not stored within 10 s: {missing[:10]}"
+    return max(seen[v] - sent[v] for v in values)
+
+
+@pytest.mark.integration
+def test_a_gateways_credentials_take_nothing_from_the_collectors_and_cannot_knock_them_off(
+        hardened: tuple[Mosquitto, Path, dict[str, Any]], influxdb: InfluxDB1) -> None:
+    """Acceptance (issue 14): with gateway A's generated credentials, subscribing to the collectors' shared group,
+    to gateway B's telemetry or to `#` is refused and delivers nothing, and takes nothing from the two real
+    collector replicas: every reading of B is stored within 5 s; connecting with a collector's client id does
+    not disconnect it (the broker makes the id the username)."""
+    from collector.ingest import COLLECTOR_MQTT, CollectorSettings, Ingest
+    from collector.registry import Registry
+    from collector.storage import InfluxSettings, V1Writer
+
+    server, secrets, cells = hardened
+    replicas: list[Ingest] = []
+    drops: dict[str, int] = {}
+    for name in ("collector-1", "collector-2"):
+        mqtt_settings = COLLECTOR_MQTT.replace(port=server.port, username=name, password=_secret(secrets, name),
+                                               client_id=name)
+        ingest = Ingest(CollectorSettings(mqtt=mqtt_settings, flush_interval_s=0.1), Registry(cells),
+                        V1Writer(InfluxSettings(url=influxdb.url, database=influxdb.database)))
+        on_disconnect = ingest._client.on_disconnect  # noqa: SLF001 - count what the attacker could cause
+
+        def counted(*args: Any, _name: str = name, _orig: Any = on_disconnect) -> None:
+            drops[_name] = drops.get(_name, 0) + 1
+            _orig(*args)
+
+        ingest._client.on_disconnect = counted  # noqa: SLF001
+        ingest.start()
+        replicas.append(ingest)
+    b = Client(server.port, "gw-b", _secret(secrets, "gw-b"), "gw-b")
+    attacker: SubClient | None = None
+    try:
+        assert all(r.subscribed.wait(10) for r in replicas), "both collectors subscribed"
+        attacker = SubClient(server.port, "gw-a", _secret(secrets, "gw-a"), "gw-a")
+        for topic in (SHARED, telemetry_topic("beta", "gw-b"), "#"):
+            assert attacker.subscribe_reason(topic) == NOT_AUTHORIZED, topic
+        worst_subscribed = _publish_and_time(b, influxdb, [1000.0 + i for i in range(40)], 0)
+        assert attacker.messages == [], "the gateway's credentials received others' telemetry"
+        attacker.close()
+        attacker = None
+        # the same credentials under each collector's client id: the broker makes it gw-a, the collectors stay
+        for name in ("collector-1", "collector-2"):
+            thief = SubClient(server.port, "gw-a", _secret(secrets, "gw-a"), name)
+            assert not thief.connack.is_failure and thief.subscribe_reason(SHARED) == NOT_AUTHORIZED
+            thief.close()
+        worst_after = _publish_and_time(b, influxdb, [2000.0 + i for i in range(20)], 40)
+        print(f"\ngateway B's readings stored at worst {worst_subscribed:.2f} s after publishing while gateway A's "
+              f"credentials subscribed, {worst_after:.2f} s after they claimed the collectors' client ids")
+        assert worst_subscribed < 5 and worst_after < 5
+        assert drops == {}, f"a collector was disconnected: {drops}"
+        assert all(r.connected for r in replicas)
+        assert sum(r.stored_readings for r in replicas) >= 60 and all(r.stored_readings for r in replicas)
+    finally:
+        for c in (b, attacker):
+            if c is not None:
+                c.close()
+        for r in replicas:
+            r.stop()
+
+
+def test_dynamic_security_file_carries_the_password_file_hashes_and_denies_by_default(tmp_path: Path) -> None:
+    import json
+
+    cells = load_cells(write_cells(tmp_path / "cells", {"alpha": ["gw-a"]}))
+    summary = write_broker_files(cells, tmp_path / "broker", tmp_path / "secrets", collectors=("c-1", "c-2"),
+                                 beacon="beacon")
+    dynsec = json.loads(summary.dynsec_file.read_text())
+    assert dynsec["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False,
+                                          "subscribe": False, "unsubscribe": True}
+    hashes = {u: line.split(":", 1)[1] for u, line in parse_password_file(summary.password_file.read_text()).items()}
+    clients = {c["username"]: c for c in dynsec["clients"]}
+    assert sorted(clients) == ["api", "beacon", "c-1", "c-2", "gw-a"]
+    for user, client in clients.items():
+        assert hashes[user] == f"$7${client['iterations']}${client['salt']}${client['password']}"
+        assert verify_password(_secret(tmp_path / "secrets", user), hashes[user])
+    roles = {r["rolename"]: {(a["acltype"], a["topic"]) for a in r["acls"]} for r in dynsec["roles"]}
+    gw = roles[clients["gw-a"]["roles"][0]["rolename"]]
+    assert {t for kind, t in gw if kind.startswith("subscribe")} == {resend_topic("alpha", "gw-a"), TIME_TOPIC}
+    assert {t for kind, t in gw if kind == "publishClientSend"} == {telemetry_topic("alpha", "gw-a"),
+                                                                    status_topic("alpha", "gw-a")}
+    assert roles[clients["beacon"]["roles"][0]["rolename"]] == {("publishClientSend", TIME_TOPIC)}
+    shared = [t for kind, t in roles[clients["c-1"]["roles"][0]["rolename"]] if kind == "subscribeLiteral"]
+    assert shared == ["$share/kwwk-collectors/kwwk/v1/+/+/telemetry"]
+    again = write_broker_files(cells, tmp_path / "broker", tmp_path / "secrets", collectors=("c-1", "c-2"),
+                               beacon="beacon")
+    assert not again.changed and json.loads(summary.dynsec_file.read_text()) == dynsec

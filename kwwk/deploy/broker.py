@@ -1,4 +1,5 @@
-"""Broker security generated from the cell registry: Mosquitto's password file, its ACL, and per-client secrets.
+"""Broker security generated from the cell registry: Mosquitto's dynamic-security file, its password file and ACL,
+and per-client secrets.
 
     summary = write_broker_files(load_cells("firmware_configs/cells"), out=Path("var/broker"),
                                  secrets=Path("var/secrets"))
@@ -8,8 +9,19 @@ Who may do what (everything else is denied, anonymous clients are refused by mos
 | account | write | read |
 |---|---|---|
 | each gateway | its own `kwwk/v1/<cell>/<gateway>/telemetry` and `/status` | its own `/resend`, the time beacon |
-| each collector | every `kwwk/v1/+/+/resend`, `kwwk/v1/_deadletter/#`, the time beacon | everything (`#`) |
+| each collector | every `kwwk/v1/+/+/resend`, `kwwk/v1/_deadletter/#`, the time beacon | the shared group, everything |
 | the API (`api`) | nothing | every gateway's `kwwk/v1/+/+/status` (online/offline, outbox depth) |
+| the time beacon (`beacon`, when asked for) | the time beacon | nothing |
+
+What the broker enforces depends on the file it loads; both are written. `dynamic-security.json` (loaded by
+firmware_configs/mosquitto/security.conf, the shipped deployment) is checked at SUBSCRIBE as well: a
+gateway may subscribe to its own resend topic and the time beacon only, and only collectors may join the
+collectors' shared group (`$share/kwwk-collectors/kwwk/v1/+/+/telemetry`). The `acl` file is checked at
+PUBLISH and at delivery only: Mosquitto 2.0.11 grants every subscription with it (tested in
+tests/test_broker_acl.py), so under it a gateway's credentials can join that group and be dealt a share of
+everyone's telemetry, which the broker then discards. Keep `acl` for brokers without the plugin, knowing that.
+With `use_username_as_clientid` (security.conf) each account is exactly one client: one collector account
+per replica.
 
 Passwords are random, one per account, kept in `<secrets>/<username>.password` (mode 0600) and
 hashed into the password file in the format of `mosquitto_passwd` 2.0 (`$7$`: PBKDF2-HMAC-SHA512,
@@ -25,12 +37,14 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collector.ingest import SHARE_GROUP
 from edge.cell import CellConfig
 from edge.messages import TIME_TOPIC
 from edge.telemetry import TOPIC_ROOT, resend_topic, status_topic, telemetry_topic
@@ -43,6 +57,7 @@ __all__ = [
     "hash_password",
     "parse_password_file",
     "render_acl",
+    "render_dynsec",
     "verify_password",
     "write_broker_files",
 ]
@@ -99,7 +114,7 @@ def parse_password_file(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Account:
     username: str
-    role: str  # "gateway", "collector" or "api"
+    role: str  # "gateway", "collector", "api" or "beacon"
     cell: str | None = None
     gateway: str | None = None
 
@@ -111,9 +126,9 @@ class Account:
 
 
 def accounts(cells: Mapping[str, CellConfig], collectors: Iterable[str] = ("collector",),
-             api: str | None = "api") -> list[Account]:
-    """One account per gateway (its mqtt.username, else its id), per collector, and one for the API (which only
-    reads gateway status); names must be unique."""
+             api: str | None = "api", beacon: str | None = None) -> list[Account]:
+    """One account per gateway (its mqtt.username, else its id), per collector, one for the API (which only
+    reads gateway status) and, when named, one for the time beacon; names must be unique."""
     out: list[Account] = []
     owner: dict[str, str] = {}
 
@@ -135,6 +150,8 @@ def accounts(cells: Mapping[str, CellConfig], collectors: Iterable[str] = ("coll
         add(Account(name, "collector"))
     if api:
         add(Account(api, "api"))
+    if beacon:
+        add(Account(beacon, "beacon"))
     return out
 
 
@@ -165,6 +182,8 @@ def render_acl(accts: Iterable[Account]) -> str:
                 f"topic read {TOPIC_ROOT}/+/+/status",
                 "",
             ]
+        elif a.role == "beacon":
+            lines += [f"# {a.label}: keeps the time beacon", f"user {a.username}", f"topic write {TIME_TOPIC}", ""]
         else:
             lines += [
                 f"# {a.label}: reads everything, asks gateways for resends, files dead letters, keeps the time beacon",
@@ -178,12 +197,54 @@ def render_acl(accts: Iterable[Account]) -> str:
     return "\n".join(lines)
 
 
+def _grants(a: Account) -> list[tuple[str, str]]:
+    """(dynamic-security ACL type, topic) granted to an account; everything else is denied."""
+    if a.role == "gateway":
+        assert a.cell is not None and a.gateway is not None
+        own = [resend_topic(a.cell, a.gateway), TIME_TOPIC]
+        return ([("publishClientSend", telemetry_topic(a.cell, a.gateway)),
+                 ("publishClientSend", status_topic(a.cell, a.gateway))]
+                + [("subscribeLiteral", t) for t in own] + [("publishClientReceive", t) for t in own])
+    if a.role == "api":
+        status = f"{TOPIC_ROOT}/+/+/status"
+        return [("subscribePattern", status), ("publishClientReceive", status)]
+    if a.role == "beacon":
+        return [("publishClientSend", TIME_TOPIC)]
+    return [  # a collector: joins the collectors' shared group (a literal: no other group), reads under kwwk/v1/
+        ("subscribeLiteral", f"$share/{SHARE_GROUP}/{TOPIC_ROOT}/+/+/telemetry"),
+        ("subscribePattern", f"{TOPIC_ROOT}/#"), ("publishClientReceive", f"{TOPIC_ROOT}/#"),
+        ("publishClientSend", f"{TOPIC_ROOT}/+/+/resend"), ("publishClientSend", f"{TOPIC_ROOT}/_deadletter/#"),
+        ("publishClientSend", TIME_TOPIC)]
+
+
+def render_dynsec(accts: Iterable[Account], hashes: Mapping[str, str]) -> str:
+    """Mosquitto's dynamic-security plugin configuration: one client and one role per account, each client with
+    its `$7$` hash from `hashes` (username -> hash, as in the password file); nothing is allowed by default,
+    not even subscribing. The plugin has no admin account here: the file is regenerated, not edited live."""
+    clients, roles = [], []
+    for a in accts:
+        parts = hashes[a.username].split("$")
+        if len(parts) != 5 or parts[1] != "7":
+            msg = (f"{a.label}: its password hash is not mosquitto_passwd 2.0's $7$ format, which the "
+                   f"dynamic-security plugin needs: run again with --rotate {a.username}")
+            raise ValueError(msg)
+        role = f"{a.role}:{a.username}"
+        clients.append({"username": a.username, "textName": a.label, "password": parts[4], "salt": parts[3],
+                        "iterations": int(parts[2]), "roles": [{"rolename": role}]})
+        roles.append({"rolename": role, "acls": [{"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+                                                 for kind, topic in _grants(a)]})
+    return json.dumps({"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                                            "subscribe": False, "unsubscribe": True},
+                       "clients": clients, "groups": [], "roles": roles}, indent=1) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 @dataclass
 class BrokerFilesSummary:
     password_file: Path
     acl_file: Path
+    dynsec_file: Path
     created: list[str] = field(default_factory=list)  # new account, new password
     kept: list[str] = field(default_factory=list)  # existing password and hash line unchanged
     rehashed: list[str] = field(default_factory=list)  # secret file present, hash missing or stale
@@ -221,8 +282,9 @@ def new_password() -> str:
 
 def write_broker_files(cells: Mapping[str, CellConfig], out: Path, secrets_dir: Path, *,
                        collectors: Iterable[str] = ("collector",), rotate: Iterable[str] = (),
-                       iterations: int = DEFAULT_ITERATIONS) -> BrokerFilesSummary:
-    """Write <out>/passwd (0600), <out>/acl (0644) and <secrets_dir>/<username>.password (0600).
+                       iterations: int = DEFAULT_ITERATIONS, beacon: str | None = None) -> BrokerFilesSummary:
+    """Write <out>/dynamic-security.json (0600), <out>/passwd (0600), <out>/acl (0644) and
+    <secrets_dir>/<username>.password (0600). Both broker files carry the same hashes.
 
     Idempotent: an account whose secret file exists keeps that password, and its hash line is kept
     byte for byte when it still matches; an account without a secret file gets a new password,
@@ -230,15 +292,15 @@ def write_broker_files(cells: Mapping[str, CellConfig], out: Path, secrets_dir: 
     working, and the account is listed in kept_without_secret: rotate it to hand out a password).
     """
     out, secrets_dir = Path(out), Path(secrets_dir)
-    accts = accounts(cells, collectors)
+    accts = accounts(cells, collectors, beacon=beacon)
     rotate = set(rotate)
     unknown = rotate - {a.username for a in accts}
     if unknown:
         msg = f"cannot rotate {', '.join(sorted(unknown))}: no such account in the registry"
         raise ValueError(msg)
-    passwd_path, acl_path = out / "passwd", out / "acl"
+    passwd_path, acl_path, dynsec_path = out / "passwd", out / "acl", out / "dynamic-security.json"
     old = parse_password_file(passwd_path.read_text()) if passwd_path.exists() else {}
-    summary = BrokerFilesSummary(passwd_path, acl_path)
+    summary = BrokerFilesSummary(passwd_path, acl_path, dynsec_path)
     lines: list[str] = []
     for a in accts:
         secret_path = secrets_dir / f"{a.username}.password"
@@ -270,6 +332,9 @@ def write_broker_files(cells: Mapping[str, CellConfig], out: Path, secrets_dir: 
             lines.append(f"{a.username}:{hash_password(password, iterations=iterations)}")
             summary.created.append(a.username)
     summary.removed = sorted(set(old) - {a.username for a in accts})
+    hashes = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in lines}
+    dynsec = render_dynsec(accts, hashes)  # before anything is written: a stale hash format fails cleanly
     _write_private(passwd_path, "\n".join(lines) + "\n", 0o600)
     _write_private(acl_path, render_acl(accts), 0o644)
+    _write_private(dynsec_path, dynsec, 0o600)
     return summary

@@ -1,7 +1,7 @@
-"""`kwwk broker` subcommands: Mosquitto's password file and ACL from the cell registry, and the time beacon.
+"""`kwwk broker` subcommands: Mosquitto's access control from the cell registry, and the time beacon.
 
     kwwk broker acl --cells firmware_configs/cells --out var/broker --secrets var/secrets
-    kwwk broker beacon --mqtt-host broker.example --mqtt-username collector --mqtt-password-file var/secrets/collector.password
+    kwwk broker beacon --mqtt-host broker.example --mqtt-username beacon --mqtt-password-file var/secrets/beacon.password
 """
 
 from __future__ import annotations
@@ -22,22 +22,25 @@ app = typer.Typer(help="Broker security generated from the cell registry.", no_a
 def acl(
     cells: Annotated[Path, typer.Option("--cells", help="folder of cell config files", envvar="KWWK_CELLS")]
     = Path("firmware_configs/cells"),
-    out: Annotated[Path, typer.Option("--out", help="where passwd and acl are written (Mosquitto's secrets)")]
+    out: Annotated[Path, typer.Option("--out", help="where dynamic-security.json, passwd and acl are written (Mosquitto's secrets)")]
     = Path("var/broker"),
     secrets: Annotated[Path, typer.Option("--secrets", help="where each account's password is kept "
                                                             "(<username>.password, mode 0600)")] = Path("var/secrets"),
     collector: Annotated[list[str] | None, typer.Option(
-        "--collector", help="collector account (repeat for several); default: collector")] = None,
+        "--collector", help="collector account, one per replica (repeat for several); default: collector")] = None,
+    beacon: Annotated[str, typer.Option("--beacon", help="the time beacon's account ('' for none)")] = "beacon",
     rotate: Annotated[list[str] | None, typer.Option(
         "--rotate", help="give this account a new password (repeat for several)")] = None,
     iterations: Annotated[int, typer.Option(help="PBKDF2 iterations (mosquitto_passwd 2.0 uses 101)")] = 101,
 ) -> None:
-    """Write Mosquitto's password file and ACL from the cell registry.
+    """Write Mosquitto's dynamic-security file (plus passwd and acl) from the cell registry.
 
-    Each gateway may write only its own telemetry and status topics and read only its own resend
-    topic; collectors read everything and write resend requests, dead letters and the time beacon;
-    nobody else may write. Existing passwords are kept on every re-run; new gateways get new random
-    passwords. Hand each gateway its secret file; reload Mosquitto (SIGHUP) after a change.
+    Each gateway may write only its own telemetry and status topics and subscribe only to its own
+    resend topic and the time beacon; collectors join the shared group, read everything and write
+    resend requests, dead letters and the time beacon; the beacon account writes the beacon; nobody
+    else may write. The broker makes each client id its username: one collector account per replica.
+    Existing passwords are kept on every re-run; new accounts get new random passwords. Hand each
+    gateway its secret file; restart Mosquitto after a change (the plugin reads its file at start only).
     """
     from edge.cell import load_cells
     from kwwk.deploy.broker import write_broker_files
@@ -45,8 +48,8 @@ def acl(
     with cli_errors(ValueError):
         registry = load_cells(cells)
         summary = write_broker_files(registry, out, secrets, collectors=collector or ["collector"],
-                                     rotate=rotate or [], iterations=iterations)
-    typer.echo(f"wrote {summary.password_file} and {summary.acl_file}")
+                                     rotate=rotate or [], iterations=iterations, beacon=beacon or None)
+    typer.echo(f"wrote {summary.dynsec_file}, {summary.password_file} and {summary.acl_file}")
     for label, names in (("new password", summary.created), ("kept", summary.kept),
                          ("re-hashed from its secret file", summary.rehashed), ("rotated", summary.rotated),
                          ("removed (no longer in the registry)", summary.removed)):
@@ -57,11 +60,14 @@ def acl(
         typer.secho(f"  {name}: kept its existing hash, but {summary.secret_files[name]} is missing: the password "
                     f"cannot be handed out; run again with --rotate {name} to make a new one", fg=typer.colors.YELLOW)
     if summary.changed:
-        typer.echo("reload Mosquitto to apply: docker compose kill -s HUP mosquitto   (or: systemctl reload mosquitto)")
+        # Mosquitto 2.0.11's dynamic-security plugin does not re-read its file on SIGHUP (tested): restart it;
+        # sessions and queued messages survive in its persistence file
+        typer.echo("to reload Mosquitto's access control, restart it: docker compose restart mosquitto   "
+                   "(or: systemctl restart mosquitto)")
 
 
 @app.command("beacon", epilog="Example: kwwk broker beacon --mqtt-host broker.example --mqtt-port 8883 --mqtt-tls "
-                              "--mqtt-username collector --mqtt-password-file var/secrets/collector.password")
+                              "--mqtt-username beacon --mqtt-password-file var/secrets/beacon.password")
 def beacon(
     mqtt_host: Annotated[str, typer.Option("--mqtt-host", envvar="KWWK_MQTT_HOST")] = "127.0.0.1",
     mqtt_port: Annotated[int, typer.Option("--mqtt-port", envvar="KWWK_MQTT_PORT")] = 1883,
@@ -75,7 +81,8 @@ def beacon(
 ) -> None:
     """Keep a retained time beacon (this machine's clock) on kwwk/v1/_time, for offline clock checks.
 
-    Run it on the central server, whose clock is NTP-synchronised, under a collector account.
+    Run it on the central server, whose clock is NTP-synchronised, under the beacon account (its own:
+    the broker makes the client id the username, so a shared account would knock the other client off).
     `kwwk commission verify` on a gateway reads the beacon and corrects for its age with the
     remaining Message Expiry Interval Mosquitto sends along, so the check needs no NTP on site.
     """
