@@ -1,9 +1,11 @@
 """Fleet health: every gateway of every cell, from what InfluxDB holds (`kwwk_batches`, one point per
-received batch: seq, readings, replay; tags cell, gateway, stream). The gateway's and collector's
-Prometheus metrics are not in InfluxDB, so Grafana cannot chart them from here.
+received batch: seq, readings, replay, sent, and outbox_depth and read_errors when the gateway sends them;
+tags cell, gateway, stream, seq_block). The gateway's and collector's Prometheus metrics are not in
+InfluxDB, so Grafana cannot chart them from here.
 
-Outbox depth and read errors need two fields the collector does not write yet (`outbox_depth`,
-`read_errors` on `kwwk_batches`, sent by the gateway in each batch); their panels stay empty until then.
+A batch record's time is within half a second of its `sent` (collector/encode.py keys records so that two
+batches never share a point), so counts per interval and "last seen" read it as the send time; queries
+group by cell, gateway (and stream), never by seq_block, which only keeps records apart.
 """
 
 from __future__ import annotations

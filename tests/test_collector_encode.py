@@ -8,7 +8,18 @@ from typing import Any
 
 import pytest
 
-from collector.encode import BATCH_MEASUREMENT, Encoded, Encoder, Rejection, topic_cell_gateway
+from collector.encode import (
+    BATCH_MEASUREMENT,
+    MAX_BATCHES_PER_S,
+    MAX_SEQ_JUMP,
+    RECORD_BLOCK,
+    STREAMS_PER_GATEWAY,
+    Encoded,
+    Encoder,
+    Rejection,
+    record_time,
+    topic_cell_gateway,
+)
 from collector.registry import Registry
 from edge.cell import load_cell
 from tests.conftest import ROOT
@@ -38,8 +49,8 @@ def test_a_good_message_is_one_line_per_poll_plus_the_batch_record(encoder: Enco
     assert out.lines.splitlines() == [
         f"electricity_meter,cell=twocell,device=grid,gateway=gw-two power=-1500.0,energy_import=90210.5 {TS}",
         f"chp,cell=twocell,device=chp,gateway=gw-two power=49000.0 {TS + 1000}",
-        f"{BATCH_MEASUREMENT},cell=twocell,gateway=gw-two,stream=abc123 outbox_depth=3.0,read_errors=2.0,"
-        f"readings=3.0,replay=0.0,seq=1.0 {TS + 42}",
+        f"{BATCH_MEASUREMENT},cell=twocell,gateway=gw-two,seq_block=0,stream=abc123 outbox_depth=3.0,"
+        f"read_errors=2.0,readings=3.0,replay=0.0,sent={float(TS + 42)!r},seq=1.0 {TS + 1}",
     ]
     assert (out.readings, out.cell, out.gateway, out.stamps) == (3, "twocell", "gw-two", (TS, TS + 1000))
     assert (out.rejections, out.unreadable, out.rejected, out.repeat) == ([], 0, 0, False)
@@ -128,3 +139,75 @@ def test_other_topics_are_addressed_to_the_placeholder() -> None:
     assert topic_cell_gateway("something/else") == ("_", "_")
     assert Encoded.refused("x", "collector_error", "boom").rejections == [Rejection("_", "_", "collector_error",
                                                                                    "boom")]
+
+
+# -- sequence numbers: what is plausible, what one replica remembers, how batch records are keyed ---------------
+NOW = TS / 1000 + 60  # the encoder's clock in these tests: a minute after the readings
+
+
+def _clocked(encoder: Encoder, now: list[float]) -> Encoder:
+    return Encoder(encoder.registry, clock=lambda: now[0])
+
+
+@pytest.mark.parametrize("seq", [10**12, 2**63 - 1])
+def test_an_absurd_number_on_a_stream_nothing_is_known_of_is_implausible(encoder: Encoder, seq: int) -> None:
+    """Nothing known of the stream (no audit has read the database yet): at most one batch per ms since 2020."""
+    out = _clocked(encoder, [NOW]).encode(TOPIC, _body(seq=seq, stream="evil"))
+    assert (out.lines, out.readings) == ("", 0)
+    ((cell, gateway, reason, detail),) = out.rejections
+    assert (cell, gateway, reason) == ("twocell", "gw-two", "implausible_seq")
+    assert f"seq {seq} of stream 'evil'" in detail
+    assert "nothing is known of the stream" in detail
+
+
+def test_a_jump_beyond_what_the_gateway_can_have_sent_since_is_implausible(encoder: Encoder) -> None:
+    now = [NOW]
+    enc = _clocked(encoder, now)
+    assert not enc.encode(TOPIC, _body(seq=5)).rejections
+    assert not enc.encode(TOPIC, _body(seq=5 + MAX_SEQ_JUMP)).rejections, "within the jump: plausible"
+    out = enc.encode(TOPIC, _body(seq=5 + 2 * MAX_SEQ_JUMP + 1))
+    assert [r.reason for r in out.rejections] == ["implausible_seq"]
+    assert f"the highest this collector accepted is {5 + MAX_SEQ_JUMP}" in out.rejections[0].detail
+    now[0] += 10  # ten seconds later the gateway can have sent 10 * MAX_BATCHES_PER_S more
+    assert not enc.encode(TOPIC, _body(seq=5 + 2 * MAX_SEQ_JUMP + 10 * MAX_BATCHES_PER_S)).rejections
+    assert not enc.encode(TOPIC, _body(seq=6)).rejections, "an older number (a re-send) is always plausible"
+
+
+def test_what_the_audit_read_bounds_new_and_known_streams(encoder: Encoder) -> None:
+    enc = _clocked(encoder, [NOW])
+    enc.learn({("twocell", "gw-two", "abc123"): 3_000_000}, at=NOW)
+    assert not enc.encode(TOPIC, _body(seq=3_000_001)).rejections, "a restarted replica takes an old stream on"
+    out = enc.encode(TOPIC, _body(seq=3_000_000, stream="fresh"))
+    assert [r.reason for r in out.rejections] == ["implausible_seq"]
+    assert "the stream is new" in out.rejections[0].detail
+    assert not enc.encode(TOPIC, _body(seq=17, stream="fresh")).rejections, "a new stream starts low"
+
+
+def test_memory_per_gateway_is_a_few_streams_of_fixed_size(encoder: Encoder) -> None:
+    enc = _clocked(encoder, [NOW])
+    for i in range(200):  # a hostile sender inventing streams
+        enc.encode(TOPIC, _body(seq=i, stream=f"s{i}"))
+    streams = enc._streams[("twocell", "gw-two")]  # noqa: SLF001
+    assert list(streams) == [f"s{i}" for i in range(200 - STREAMS_PER_GATEWAY, 200)], "the least recent go"
+    assert {len(st.ring) for st in streams.values()} == {enc.remember}
+
+
+def _record_key(out: Encoded) -> tuple[str, str]:
+    """(series, time) of the batch record: InfluxDB's identity of a point."""
+    series_and_fields, ts = out.lines.splitlines()[-1].rsplit(" ", 1)
+    return series_and_fields.split(" ")[0], ts
+
+
+def test_batch_records_of_different_batches_never_share_a_point(encoder: Encoder) -> None:
+    """Re-sends 1 ms apart (and batches sent within the same ms) keep one point each; the same batch twice is
+    the same point or another point with the same seq, never another batch's point."""
+    enc = _clocked(encoder, [NOW])
+    keys = {}
+    for seq in (0, 1, 2, 999, 1000, 1001, 2000, RECORD_BLOCK * 7 + 3):
+        for sent in (TS, TS + 1, TS + 499, TS + 500):
+            keys.setdefault(_record_key(enc.encode(TOPIC, _body(seq=seq, sent=sent))), set()).add(seq)
+    assert all(len(seqs) == 1 for seqs in keys.values()), keys
+    for seq in range(0, 3000, 7):
+        for sent in (TS, TS + 1, TS + 777):
+            t = record_time(seq, sent)
+            assert abs(t - sent) <= RECORD_BLOCK // 2 and (t - seq) % RECORD_BLOCK == 0

@@ -64,14 +64,19 @@ def make_gateways_router(registry: Registry, db: InfluxQL, watcher: StatusWatche
         window_s = int(window_h * 3600)
         where = f"{ident('cell')} =~ /^({'|'.join(cells)})$/" if len(cells) > 1 else \
             f"{ident('cell')} = {literal(cells[0])}"
-        last, stats = await db.query(
+        last, sent, stats = await db.query(
             f"SELECT last({ident('seq')}) FROM {ident(BATCH_MEASUREMENT)} WHERE {where} "
+            f"GROUP BY {ident('cell')}, {ident('gateway')}",
+            # a batch record's time is within RECORD_BLOCK/2 ms of its send (collector/encode.py): the exact
+            # instant is its field `sent` (records written before 2026-12 have none: their time is it)
+            f"SELECT last({ident('sent')}) FROM {ident(BATCH_MEASUREMENT)} WHERE {where} "
             f"GROUP BY {ident('cell')}, {ident('gateway')}",
             f"SELECT count(distinct({ident('seq')})) AS n, min({ident('seq')}) AS lo, max({ident('seq')}) AS hi, "
             f"sum({ident('readings')}) AS readings FROM {ident(BATCH_MEASUREMENT)} WHERE {where} "
             f"AND time > {now_ms - window_s * 1000}ms AND time <= {now_ms + 60_000}ms "
             f"GROUP BY {ident('cell')}, {ident('gateway')}, {ident('stream')}")
         seen = {(s.tags.get("cell"), s.tags.get("gateway")): s.values[0] for s in last}
+        sent_at = {(s.tags.get("cell"), s.tags.get("gateway")): s.values[0][1] for s in sent}
         streams: dict[tuple[str, str], list[StreamStats]] = {}
         for s in stats:
             _t, n, lo, hi, readings = s.values[0]
@@ -85,6 +90,7 @@ def make_gateways_router(registry: Registry, db: InfluxQL, watcher: StatusWatche
                 key = (cell, gw.id)
                 status = watcher.get(cell, gw.id) if watcher is not None else None
                 ts, seq = seen.get(key, (None, None))
+                ts = sent_at.get(key) or ts
                 mine = sorted(streams.get(key, []), key=lambda st: st.last_seq)
                 state = status.state if status is not None and status.state in ("online", "offline") else "unknown"
                 out.append(GatewayHealth(
