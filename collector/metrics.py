@@ -30,6 +30,18 @@ class CollectorMetrics:
         self.gaps_open = Gauge("kwwk_collector_sequence_gaps_open", "Sequence numbers still missing", registry=r)
         self.audit_up = Gauge("kwwk_collector_audit_up", "1 when the sequence audit can query the database",
                               registry=r)
+        self.audit_alive = Gauge("kwwk_collector_audit_alive",
+                                 "1 while the sequence audit completes its rounds (0: dead, failing or stalled)",
+                                 registry=r)
+        self.audit_last_round = Gauge("kwwk_collector_audit_last_round_timestamp_seconds",
+                                      "When the sequence audit last completed a round", registry=r)
+        self.audit_rounds = Counter("kwwk_collector_audit_rounds_total",
+                                    "Sequence audit rounds by outcome (ok, no_database, skipped: no broker, failed)",
+                                    ["result"], registry=r)
+        self.seq_implausible = Counter("kwwk_collector_sequence_implausible_total",
+                                       "Stored runs of missing sequence numbers too long to be real, not audited "
+                                       "(implausible numbers refused at once are rejects, reason implausible_seq)",
+                                       ["cell", "gateway"], registry=r)
         self.seq_duplicates = Counter("kwwk_collector_sequence_duplicates_total",
                                       "Repeated sequence numbers per gateway (redeliveries)", ["cell", "gateway"],
                                       registry=r)

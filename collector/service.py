@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from typing import Any
 
 import structlog
 
+from collector.audit import with_audit
 from collector.balance.trigger import DirtyRanges, run_balance_loop
 from collector.balance.wiring import InfluxEngine
 from collector.ingest import CollectorSettings, Ingest
@@ -24,10 +27,19 @@ async def run_collector(settings: CollectorSettings, influx: InfluxSettings, reg
     stop = stop or asyncio.Event()
     dirty = DirtyRanges()  # what was stored since the last balance round, late data included
     ingest = Ingest(settings, registry, make_writer(influx), auditor_influx=influx, on_stored=dirty.note)
+    if ingest.auditor is not None:  # what the audit reads of each stream bounds what the encoder takes as plausible
+        ingest.auditor.on_streams = ingest.writer.encoder.learn
+
+    async def check_health() -> dict[str, Any]:
+        result = ingest.health()
+        if inspect.isawaitable(result):
+            result = await result
+        return with_audit(result, ingest.auditor)  # a dead or stuck audit: 503
+
     balance = InfluxEngine(registry.cells, influx)
     balance_task = asyncio.create_task(run_balance_loop(balance.engine, dirty, stop, interval_s=balance_interval_s),
                                        name="kwwk.balance")
-    health = HealthServer(ingest.metrics.registry, ingest.health, health_host, health_port)
+    health = HealthServer(ingest.metrics.registry, check_health, health_host, health_port)
     await health.start()
     ingest.start()
     log.info("collector started", client_id=ingest.mqtt.client_id, influx=influx.url, api=influx.api,
