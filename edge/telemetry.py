@@ -9,13 +9,15 @@ line: a quarter of schema 1's bytes on a gateway's metered uplink, and a fractio
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 __all__ = [
+    "MAX_CLOCK_SKEW_S",
     "SCHEMA",
     "TOPIC_ROOT",
     "Poll",
@@ -40,7 +42,27 @@ Value = Annotated[float, Field(strict=True, allow_inf_nan=False)] | None
 
 #: 2000-01-01 .. 2100-01-01 in ms: anything outside is a broken clock, not a reading
 _TS_MIN, _TS_MAX = 946_684_800_000, 4_102_444_800_000
-Timestamp = Annotated[int, Field(ge=_TS_MIN, le=_TS_MAX, description="UTC, milliseconds since the Unix epoch")]
+#: how far a sender's clock may be ahead of the receiver's: `sent` and `polls[].ts` later than now + this are
+#: refused (a reading from the future is a broken clock, and would make a gateway "last seen" then)
+MAX_CLOCK_SKEW_S = 300
+#: the receiver's clock (s since the epoch) that "now" is read from; a test replaces it instead of sleeping
+clock: Callable[[], float] = time.time
+#: the largest integer InfluxDB, SQLite and the gateway's outbox can hold
+_INT_MAX = 2**63 - 1
+
+
+def _not_ahead(ts: int) -> int:
+    """A stamp no later than the receiver's clock plus MAX_CLOCK_SKEW_S (read at validation, not at import)."""
+    ahead_s = ts / 1000 - clock()
+    if ahead_s > MAX_CLOCK_SKEW_S:
+        msg = f"{ts} is {ahead_s:.0f} s ahead of this clock; at most {MAX_CLOCK_SKEW_S} s are accepted"
+        raise ValueError(msg)
+    return ts
+
+
+Timestamp = Annotated[int, Field(ge=_TS_MIN, le=_TS_MAX, description="UTC, milliseconds since the Unix epoch"),
+                      AfterValidator(_not_ahead)]
+Count = Annotated[int, Field(ge=0, le=_INT_MAX)]
 
 
 def telemetry_topic(cell: str, gateway: str) -> str:
@@ -81,26 +103,29 @@ class Reading(NamedTuple):
 class Poll(TypedDict):
     """One read of one device: the values of its points at one instant (null: the point could not be read)."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
     device: Ident
     ts: Timestamp
     values: Annotated[dict[PointName, Value], Field(min_length=1, max_length=1000)]
 
 
 class TelemetryBatch(BaseModel):
-    """One MQTT message: a gateway's polls, numbered so the collector can see gaps and repeats."""
+    """One MQTT message: a gateway's polls, numbered so the collector can see gaps and repeats.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    Strict: nothing is coerced (a string is no number, 1 is no boolean, 1.0 is no integer timestamp), and no
+    stamp may be later than the receiver's clock (`clock`) plus MAX_CLOCK_SKEW_S. An error names the field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
     schema_: Literal["kwwk.telemetry/2"] = Field(SCHEMA, alias="schema")
     cell: Ident
     gateway: Ident
     stream: str = Field(pattern=r"^[a-z0-9]{1,32}$",
                         description="id of the gateway's outbox; sequence numbers count within one stream")
-    seq: int = Field(ge=0, description="per-gateway message number; survives restarts")
+    seq: Count = Field(description="per-gateway message number; survives restarts")
     sent: Timestamp = Field(description="when the gateway published, UTC ms")
     replay: bool = Field(False, description="true when sent from the outbox after an outage")
-    outbox_depth: int | None = Field(None, ge=0, description="readings left in the gateway's outbox when it sent this")
-    read_errors: int | None = Field(None, ge=0, description="failed device reads since the gateway started (a counter)")
+    outbox_depth: Count | None = Field(None, description="readings left in the gateway's outbox when it sent this")
+    read_errors: Count | None = Field(None, description="failed device reads since the gateway started (a counter)")
     polls: list[Poll] = Field(min_length=1, max_length=50_000)
 
     @property

@@ -286,3 +286,30 @@ def test_an_older_collectors_session_with_a_status_subscription_dead_letters_no_
         assert h.ingest.metrics.messages.labels("dead_lettered")._value.get() == 1  # noqa: SLF001
     finally:
         h.close()
+
+
+# --- strict validation: nothing coerced, no stamp later than now + the skew -----------------------------------
+
+def test_coercible_fields_and_stamps_from_the_future_are_dead_lettered_naming_the_field(
+        harness: _Harness, influxdb: InfluxDB1) -> None:
+    """A string seq, replay "yes", a float or far-future stamp (a `sent` in 2099 would make the gateway "last seen"
+    in 2099) are refused by the running collector, the dead letter naming the field; within the skew is stored."""
+    from edge.telemetry import MAX_CLOCK_SKEW_S
+
+    now = int(time.time() * 1000)
+    ahead = now + (MAX_CLOCK_SKEW_S + 60) * 1000
+    poll = _valid()["polls"][0]
+    cases = [("seq", _valid(seq="12")), ("seq", _valid(seq=12.0)), ("replay", _valid(replay="yes")),
+             ("replay", _valid(replay=1)), ("sent", _valid(sent=float(now))), ("sent", _valid(sent=4_070_908_800_000)),
+             ("sent", _valid(sent=ahead)), ("polls.0.ts", _valid(polls=[{**poll, "ts": ahead}])),
+             ("polls.0.ts", _valid(polls=[{**poll, "ts": float(now)}])), ("outbox_depth", _valid(outbox_depth="3"))]
+    for field, body in cases:
+        letter = harness.send(json.dumps(body).encode())
+        assert letter["reason"] == "bad_schema", letter
+        assert letter["detail"].startswith(f"{field}: "), letter
+    soon = now + (MAX_CLOCK_SKEW_S - 60) * 1000  # a gateway clock a few minutes ahead is still taken
+    body = _valid(seq=31, sent=soon, polls=[{"device": "grid", "ts": soon, "values": {"power": -12.75}}])
+    harness.client.publish(TOPIC, json.dumps(body), qos=1).wait_for_publish(5)
+    wait_until(lambda: influxdb.query('SELECT "power" FROM "electricity_meter" WHERE "power" = -12.75')
+               ["results"][0].get("series"), 10, "a message within the skew to be stored", interval=0.2)
+    assert harness.ingest.metrics.rejects.labels("bad_schema")._value.get() >= len(cases)  # noqa: SLF001
