@@ -173,14 +173,20 @@ class Mosquitto(LocalServer):
 
 
 class InfluxDB1(LocalServer):
-    """InfluxDB 1.x (Debian's influxdb): /write and /query with InfluxQL."""
+    """InfluxDB 1.x (Debian's influxdb): /write and /query with InfluxQL.
+
+    With `auth=(user, password)` it runs with `[http] auth-enabled = true` and that user as its admin (created
+    on start when missing); `query` then authenticates as it. `auth` may be changed between a stop and a
+    start: a server restarted with auth on keeps its data."""
 
     name = "influxd"
 
-    def __init__(self, workdir: Path | str, port: int | None = None, database: str = "kwwk") -> None:
+    def __init__(self, workdir: Path | str, port: int | None = None, database: str = "kwwk",
+                 auth: tuple[str, str] | None = None) -> None:
         super().__init__(workdir, port)
         self.rpc_port = 0  # the backup/restore RPC service: bound to port 0, nobody connects to it
         self.database = database
+        self.auth = auth
 
     @property
     def url(self) -> str:
@@ -200,6 +206,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
   bind-address = "127.0.0.1:{self.port}"
   log-enabled = false
   max-body-size = 0
+  auth-enabled = {"true" if self.auth else "false"}
 [monitor]
   store-enabled = false
 [continuous_queries]
@@ -222,10 +229,20 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 
     def start(self, timeout: float = 30.0) -> InfluxDB1:
         super().start(timeout)
+        if self.auth:  # the first admin user is created unauthenticated; once there, even CREATE USER needs it
+            user, password = self.auth
+            create = f"CREATE USER \"{user}\" WITH PASSWORD '{password}' WITH ALL PRIVILEGES"
+            try:
+                self.query(create, method="POST", authenticate=False)
+            except urllib.error.HTTPError as err:
+                if err.code not in (401, 403):
+                    raise
+                self.query(create, method="POST")
         self.query(f'CREATE DATABASE "{self.database}"', method="POST")
         return self
 
-    def query(self, q: str, method: str = "GET", epoch: str = "ms") -> dict[str, object]:
+    def query(self, q: str, method: str = "GET", epoch: str = "ms", authenticate: bool = True) -> dict[str, object]:
+        import base64
         import json
 
         params = urllib.parse.urlencode({"q": q, "db": self.database, "epoch": epoch})
@@ -233,6 +250,8 @@ bind-address = "127.0.0.1:{self.rpc_port}"
             req = urllib.request.Request(f"{self.url}/query?{params}")
         else:
             req = urllib.request.Request(f"{self.url}/query", data=params.encode(), method="POST")
+        if self.auth and authenticate:
+            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(self.auth).encode()).decode())
         with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback only
             return json.loads(r.read())
 
