@@ -205,6 +205,66 @@ def collector_run(
     _run(lambda stop: run_collector(settings, influx, registry, health_port=health_port, stop=stop))
 
 
+@collector_app.command("replay-deadletters",
+                       epilog="Example: kwwk collector replay-deadletters --since 2026-12-01 --reason unknown_device "
+                              "--cells firmware_configs/cells --influx-url http://127.0.0.1:8086")
+def collector_replay_deadletters(
+    cells: CellsOpt = DEFAULT_CELLS,
+    deadletter_dir: Annotated[Path, typer.Option("--dir", envvar="KWWK_DEADLETTER_DIR",
+                                                 help="the collector's dead-letter folder")] = Path("var/deadletters"),
+    since: Annotated[str | None, typer.Option(help="only those received from then on: 2026-12-01 or "
+                                                   "2026-12-01T08:00 (UTC)")] = None,
+    reason: Annotated[str | None, typer.Option(help="only those dead-lettered for this reason, e.g. "
+                                                    "unknown_device, storage_rejected")] = None,
+    influx_url: InfluxUrl = "http://127.0.0.1:8086", influx_api: InfluxApi = "v1", influx_db: InfluxDb = "kwwk",
+    influx_token: InfluxToken = None, influx_org: InfluxOrg = "kwwk",
+    timeout: Annotated[float, typer.Option(help="give up after this many seconds (the rest stays for a next run)")]
+    = 600.0,
+    log_level: LogOpt = "WARNING",
+) -> None:
+    """Re-ingest stored dead letters after a fix (a device added to the cell config, a database repaired).
+
+    They go through the collector's own validation and write path: what is stored now is marked replayed,
+    what is still refused is dead-lettered again (a new record naming the old one), nothing is lost.
+    """
+    from datetime import UTC, datetime
+
+    from collector.acking import AckingWriter, WriterSettings
+    from collector.deadletters import DeadLetterStore, replay
+    from collector.encode import Encoder
+    from collector.metrics import CollectorMetrics
+    from collector.storage import InfluxSettings, make_writer
+    from edge.obs import setup_logging
+
+    setup_logging(log_level)
+    since_ms = None
+    if since:
+        with cli_errors():
+            try:
+                at = datetime.fromisoformat(since)
+            except ValueError:
+                raise SettingsError(f"--since {since!r}: want a date (2026-12-01) or a time (2026-12-01T08:00)") \
+                    from None
+        since_ms = int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)
+    registry = _registry(cells)
+    influx = InfluxSettings(url=influx_url, api="v2" if influx_api == "v2" else "v1", database=influx_db,
+                            bucket=influx_db, token=influx_token, org=influx_org)
+    store = DeadLetterStore(deadletter_dir)
+
+    def acking(ack):  # noqa: ANN001, ANN202 - the collector's writer, its dead letters back into the store
+        return AckingWriter(WriterSettings(deadletter_dir=None), Encoder(registry), make_writer(influx),
+                            CollectorMetrics(), ack=ack, deadletter_store=store)
+
+    with cli_errors():
+        try:
+            result = replay(store, acking, since_ms=since_ms, reason=reason, timeout_s=timeout)
+        except TimeoutError as err:
+            raise SettingsError(str(err)) from None
+    typer.echo(f"replayed {result.replayed} dead letters: {result.stored} stored, {result.partial} in part, "
+               f"{result.refused_again} refused again (kept in {deadletter_dir}), {result.skipped} cut short and "
+               f"skipped; {result.readings} readings stored")
+
+
 @api_app.command("run", epilog="Example: kwwk api run --cells firmware_configs/cells --port 8000 "
                                "--tokens-file var/api-tokens")
 def api_run(
