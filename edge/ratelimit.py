@@ -39,7 +39,7 @@ class LogSummary:
 
     def __init__(self, logger: Any, event: str, *, interval_s: float | None = None, level: str = "warning",
                  clock: Callable[[], float] = time.monotonic, autoflush: bool = True, max_keys: int = MAX_KEYS) -> None:
-        self._log = getattr(logger, level)
+        self._logger, self._level = logger, level  # looked up at each line: logging may be configured later
         self.event = event
         self.interval_s = interval_s if interval_s is not None else float(
             os.environ.get("KWWK_LOG_SUMMARY_S") or SUMMARY_INTERVAL_S)
@@ -73,6 +73,9 @@ class LogSummary:
             self._log(f"{self.event}: summary", **summary)
         if first:
             self._log(self.event, **fields, count=count, summary_every_s=self.interval_s)
+
+    def _log(self, event: str, **fields: Any) -> None:
+        getattr(self._logger, self._level)(event, **fields)
 
     def flush(self) -> None:
         """Log the summary of what was counted so far (if anything) and start a new interval."""

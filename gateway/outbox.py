@@ -25,6 +25,7 @@ from typing import Literal
 
 import structlog
 
+from edge.ratelimit import summarised
 from edge.telemetry import Reading
 
 __all__ = ["Batch", "Outbox", "OverflowPolicy"]
@@ -158,8 +159,9 @@ class Outbox:
         if n <= 0:
             return
         self.dropped[reason] = self.dropped.get(reason, 0) + n
-        log.warning("outbox overflow: readings dropped", reason=reason, count=n, policy=self.overflow,
-                    limit=self.max_readings, deleted=deleted)
+        # while it overflows: the first drop, then a summary a minute, not a line per poll
+        summarised(log, "outbox overflow: readings dropped", reason, count=n, reason=reason, policy=self.overflow,
+                   limit=self.max_readings, deleted=deleted)
 
     # -- publishing ----------------------------------------------------------------------------
     def in_flight(self) -> list[Batch]:

@@ -12,6 +12,7 @@ import structlog
 from edge.cell import CellConfig, Device, Gateway
 from edge.modbus import DeviceReader, LineRegistry, ModbusLine
 from edge.profile import Point
+from edge.ratelimit import summarised
 from edge.telemetry import Reading
 from gateway.metrics import GatewayMetrics
 
@@ -69,8 +70,8 @@ class DevicePoller:
             first = next(iter(result.errors.values()))
             self.last_error = str(first)
             self.metrics.reads.labels(self.device.id, "failed" if not readings else "partial").inc()
-            log.warning("device read failed", device=self.device.id, points=len(result.errors), reason=sorted(reasons),
-                        error=str(first))
+            summarised(log, "device read failed", (self.device.id, *sorted(reasons)),  # not a line per poll
+                       device=self.device.id, points=len(result.errors), reason=sorted(reasons), error=str(first))
         else:
             self.last_error = None
             self.metrics.reads.labels(self.device.id, "ok").inc()
