@@ -176,9 +176,9 @@ class Ingest:
     # -- what the writer and the auditor publish ----------------------------------------------------
     def _deadletter(self, m: Message, r: Rejection) -> None:
         letter = DeadLetter.of(r.reason, r.detail, m.topic, m.payload, m.received)
-        info = self._client.publish(deadletter_topic(_safe(r.cell), _safe(r.gateway)), letter.to_bytes(), qos=1)
-        if info.rc == mqtt.MQTT_ERR_SUCCESS:
-            info.wait_for_publish(timeout=5)
+        # the durable copy is already on disk (collector/deadletters.py): the notice is queued, never waited for,
+        # so a notice cannot hold the writer while back-pressure holds paho's network thread
+        self._client.publish(deadletter_topic(_safe(r.cell), _safe(r.gateway)), letter.to_bytes(), qos=1)
 
     def _publish_request(self, topic: str, payload: bytes) -> None:
         self._client.publish(topic, payload, qos=1)
@@ -226,10 +226,12 @@ class Ingest:
         return False
 
     def health(self) -> dict[str, Any]:
-        # before the first accepted write the database counts as fine: a collector with nothing to store is healthy
-        db_ok = self.writer.last_write_ok is None or self.writer.database_up
-        return {"status": "ok" if self.connected else "degraded", "broker_connected": self.connected,
-                "database_ok": db_ok, "queued": self.writer.queued,
+        # the writer's own view of the database: ok until a write fails for a reason that is not the data's
+        # (a wrong token, a missing database, a server away), which holds everything unacknowledged: degraded
+        db_ok = self.writer.database_state == "ok"
+        return {"status": "ok" if self.connected and db_ok else "degraded", "broker_connected": self.connected,
+                "database_ok": db_ok, "database_state": self.writer.database_state,
+                "database_error": self.writer.database_error, "queued": self.writer.queued,
                 "stored_readings": self.writer.stored_readings}
 
 

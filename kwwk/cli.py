@@ -180,13 +180,14 @@ def collector_run(
     cells: CellsOpt = DEFAULT_CELLS,
     mqtt_host: MqttHost = "127.0.0.1", mqtt_port: MqttPort = 1883, mqtt_username: MqttUser = None,
     mqtt_password_file: MqttPass = None, mqtt_tls: MqttTls = False, mqtt_ca: MqttCa = None,
-    client_id: Annotated[str, typer.Option(help="fixed per replica: it names the persistent session",
+    client_id: Annotated[str, typer.Option(help="fixed per replica: it names the persistent session (the shipped "
+                                                "broker makes it the replica's username)",
                                            envvar="KWWK_CLIENT_ID")] = "kwwk-collector-1",
     influx_url: InfluxUrl = "http://127.0.0.1:8086", influx_api: InfluxApi = "v1", influx_db: InfluxDb = "kwwk",
     influx_token: InfluxToken = None, influx_org: InfluxOrg = "kwwk",
     health_port: Annotated[int, typer.Option(envvar="KWWK_HEALTH_PORT")] = 9103,
     audit_interval: Annotated[float, typer.Option(help="seconds between sequence audits (resend requests)",
-                                                  envvar="KWWK_AUDIT_INTERVAL")] = 15.0,
+                                                  envvar="KWWK_AUDIT_INTERVAL")] = 3.0,  # CollectorSettings.audit_interval_s
     log_level: LogOpt = "INFO",
 ) -> None:
     """Subscribe to every gateway's telemetry and store it in InfluxDB, acknowledging only what is stored."""
@@ -199,7 +200,8 @@ def collector_run(
     registry = _registry(cells)
     mqtt = _mqtt(CollectorSettings().mqtt, mqtt_host, mqtt_port, mqtt_username, mqtt_password_file, mqtt_tls, mqtt_ca)
     settings = CollectorSettings(mqtt=mqtt.replace(client_id=client_id), audit_interval_s=audit_interval,
-                                 audit_grace_s=min(10.0, audit_interval), audit_retry_s=2 * audit_interval)
+                                 audit_grace_s=min(CollectorSettings.audit_grace_s, audit_interval),
+                                 audit_retry_s=2 * audit_interval)
     influx = InfluxSettings(url=influx_url, api="v2" if influx_api == "v2" else "v1", database=influx_db,
                             bucket=influx_db, token=influx_token, org=influx_org)
     _run(lambda stop: run_collector(settings, influx, registry, health_port=health_port, stop=stop))

@@ -3,6 +3,7 @@ ports the system picks, with the gateway's cell config written from the ports it
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -19,6 +20,19 @@ from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ROOT / "firmware_configs" / "cells"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deadletters_in_a_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Collectors keep durable dead letters (collector/deadletters.py); tests keep theirs out of the checkout's var/.
+    A test that reads them sets KWWK_DEADLETTER_DIR itself (monkeypatch wins over this default)."""
+    old = os.environ.get("KWWK_DEADLETTER_DIR")
+    os.environ["KWWK_DEADLETTER_DIR"] = str(tmp_path_factory.mktemp("deadletters"))
+    yield
+    if old is None:
+        os.environ.pop("KWWK_DEADLETTER_DIR", None)
+    else:
+        os.environ["KWWK_DEADLETTER_DIR"] = old
 
 
 @pytest.fixture

@@ -172,6 +172,7 @@ async def test_a_wrong_credential_for_60s_acknowledges_nothing_and_loses_nothing
         assert collector.metric("kwwk_collector_messages_total") == acked, "a message was settled meanwhile"
         assert collector.metric("kwwk_collector_rejects_total") == 0, "a message was dead-lettered"
         assert all(h["database_ok"] is False for h in health), health
+        assert all((h["status"], h["database_state"]) == ("degraded", "auth_failed") for h in health), health
         print(f"health meanwhile: {health[-1]}; held: {collector.metric('kwwk_collector_queue_messages'):.0f}")
         hints = [json.loads(line) for line in log.read_text().splitlines() if "database not writable" in line]
         assert hints and hints[-1]["state"] == "auth_failed", "the log says what is wrong"
