@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
-from prometheus_client import Counter as PromCounter
-from prometheus_client import Gauge
 
 from collector.deadletters import DeadLetterStore, StoredLetter
 from collector.encode import Encoded, Encoder, Rejection
@@ -86,26 +84,6 @@ class _Item:
     out: Encoded
 
 
-class _HeldMetrics:
-    """The writer's own gauges and counters, registered in the collector's registry."""
-
-    def __init__(self, metrics: CollectorMetrics) -> None:
-        r = metrics.registry
-        self.held_bytes = Gauge("kwwk_collector_held_bytes", "Payload bytes received, not yet acknowledged",
-                                registry=r)
-        self.held_peak = Gauge("kwwk_collector_held_messages_peak", "Most messages held at once since start",
-                               registry=r)
-        self.held_limit = Gauge("kwwk_collector_held_messages_limit", "Messages held before put() blocks",
-                                registry=r)
-        self.backpressure = PromCounter("kwwk_collector_backpressure_seconds",
-                                        "Time the MQTT network thread waited for room (the broker held back)",
-                                        registry=r)
-        self.durable = PromCounter("kwwk_collector_deadletters_durable", "Dead letters kept in the local store",
-                                   ["result"], registry=r)
-        self.state = Gauge("kwwk_collector_database_state", "1 for the database's current state", ["state"],
-                           registry=r)
-
-
 _STATES = ("ok", "auth_failed", "forbidden", "database_missing", "unreachable", "server_error")
 _STATE_HINTS = {
     "auth_failed": "the database refuses our credentials: fix the token (KWWK_INFLUX_TOKEN) and restart the collector",
@@ -134,7 +112,7 @@ class AckingWriter:
         self.deadletters = deadletter_store or (
             DeadLetterStore(settings.deadletter_dir, settings.deadletter_max_bytes_per_day)
             if settings.deadletter_dir else None)
-        self._m = _HeldMetrics(metrics)
+        self._m = metrics
         self.on_wait = on_wait
         self._queue: queue.Queue[Message] = queue.Queue()  # bounded by put(): max_held_messages/bytes
         # what is held, from put() to the acknowledgement: put() waits for room

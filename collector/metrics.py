@@ -42,6 +42,20 @@ class CollectorMetrics:
                                        "Stored runs of missing sequence numbers too long to be real, not audited "
                                        "(implausible numbers refused at once are rejects, reason implausible_seq)",
                                        ["cell", "gateway"], registry=r)
+        # the acking writer's own bound (collector/acking.py) and the database state it reports
+        self.held_bytes = Gauge("kwwk_collector_held_bytes", "Payload bytes received, not yet acknowledged",
+                                registry=r)
+        self.held_peak = Gauge("kwwk_collector_held_messages_peak", "Most messages held at once since start",
+                               registry=r)
+        self.held_limit = Gauge("kwwk_collector_held_messages_limit", "Messages held before put() blocks",
+                                registry=r)
+        self.backpressure = Counter("kwwk_collector_backpressure_seconds",
+                                        "Time the MQTT network thread waited for room (the broker held back)",
+                                        registry=r)
+        self.durable = Counter("kwwk_collector_deadletters_durable", "Dead letters kept in the local store",
+                                   ["result"], registry=r)
+        self.state = Gauge("kwwk_collector_database_state", "1 for the database's current state", ["state"],
+                           registry=r)
         self.seq_duplicates = Counter("kwwk_collector_sequence_duplicates_total",
                                       "Repeated sequence numbers per gateway (redeliveries)", ["cell", "gateway"],
                                       registry=r)
