@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 import structlog
 
 from edge.messages import MessageError, ResendRequest, StatusMessage
@@ -21,6 +19,7 @@ from edge.telemetry import (
     status_topic,
     telemetry_topic,
 )
+from gateway.client import CheckedClient, PublishRefused, cancel_requests, raise_if_cancelled
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Batch, Outbox
 from gateway.settings import gateway_client_id
@@ -28,73 +27,6 @@ from gateway.settings import gateway_client_id
 __all__ = ["PublishRefused", "Uplink"]
 
 log = structlog.get_logger("kwwk.gateway.uplink")
-
-
-class PublishRefused(aiomqtt.MqttError):
-    """The broker answered a publish with a failure reason code (0x87 not authorized, 0x97 quota exceeded…)."""
-
-    def __init__(self, code: int, topic: str) -> None:
-        super().__init__(f"the broker refused a publish to {topic} with reason code {code:#04x}")
-        self.code = code
-
-
-class _CheckedClient(aiomqtt.Client):
-    """aiomqtt 2.5 drops the PUBACK reason code, so a publish the broker refused would look delivered and the
-    outbox would forget it. This keeps the code (through aiomqtt's internals, hence aiomqtt<3 in pyproject)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reasons: dict[int, int] = {}
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        self.reasons[mid] = int(getattr(reason_code, "value", 0) or 0)
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    async def publish_acked(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish and return once the broker accepted it; raise PublishRefused when it did not."""
-        info = self._client.publish(topic, payload, qos, retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-        if not info.is_published():
-            confirmation = asyncio.Event()
-            with self._pending_call(info.mid, confirmation, self._pending_publishes):
-                try:
-                    async with asyncio.timeout(self.timeout):  # not wait_for: see _drain
-                        await confirmation.wait()
-                except TimeoutError as err:
-                    msg = f"no PUBACK from the broker within {self.timeout}s"
-                    raise aiomqtt.MqttError(msg) from err
-        code = self.reasons.pop(info.mid, 0)
-        if code >= 0x80:
-            raise PublishRefused(code, topic)
-
-    async def subscribe_acked(self, topic: str, *, qos: int = 1) -> None:
-        """Subscribe and return on SUBACK; aiomqtt's subscribe() waits with wait_for (see _raise_if_cancelled)."""
-        result, mid = self._client.subscribe(topic, qos)
-        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise aiomqtt.MqttCodeError(result, "Could not subscribe to topic")
-        granted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        with self._pending_call(mid, granted, self._pending_subscribes):
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await granted
-            except TimeoutError as err:
-                msg = f"no SUBACK from the broker within {self.timeout}s"
-                raise aiomqtt.MqttError(msg) from err
-
-
-def _cancel_requests() -> int:
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
-
-
-def _raise_if_cancelled(before: int) -> None:
-    """aiomqtt 2.5 waits for CONNACK with asyncio.wait_for, which on Python 3.11 can swallow a cancellation that
-    arrives with the answer: the task then runs on as if never stopped (seen: a gateway that ignored SIGTERM
-    right after connecting). A cancellation requested since `before` (this task's count of cancel requests,
-    which 3.11's TaskGroup leaves raised after a failed child, so only a rise means anything) is raised here."""
-    if _cancel_requests() > before:
-        raise asyncio.CancelledError
 
 
 class Uplink:
@@ -123,7 +55,7 @@ class Uplink:
         depth = self.outbox.depth if state == "online" else None
         return StatusMessage.now(self.cell, self.gateway, state, outbox_readings=depth).to_bytes()
 
-    async def _heartbeat(self, client: _CheckedClient) -> None:
+    async def _heartbeat(self, client: CheckedClient) -> None:
         """Refresh the retained online status, so operators see the current outbox depth and a live clock."""
         while True:
             await asyncio.sleep(self.status_interval)
@@ -135,11 +67,11 @@ class Uplink:
         backoff = s.backoff()
         will = aiomqtt.Will(self.status, self._status("offline"), qos=1, retain=True)
         while True:
-            requested = _cancel_requests()
+            requested = cancel_requests()
             try:
-                async with _CheckedClient(**aiomqtt_client_kwargs(s), will=will, timeout=10) as client:
+                async with CheckedClient(**aiomqtt_client_kwargs(s), will=will, timeout=10) as client:
                     try:
-                        _raise_if_cancelled(requested)  # aiomqtt's connect waits with wait_for
+                        raise_if_cancelled(requested)  # aiomqtt's connect waits with wait_for
                         backoff.success()
                         self.connected = True
                         self.metrics.connected.set(1)
@@ -175,7 +107,7 @@ class Uplink:
                 self.metrics.connected.set(0)
             await asyncio.sleep(backoff.failure())
 
-    async def _drain(self, client: _CheckedClient) -> None:
+    async def _drain(self, client: CheckedClient) -> None:
         for batch in self.outbox.in_flight():  # numbered before a crash or disconnect: same seq again
             await self._send(client, batch, resend=True)
         while True:
@@ -190,7 +122,7 @@ class Uplink:
                 continue
             await self._send(client, batch)
 
-    async def _answer_resends(self, client: _CheckedClient) -> None:
+    async def _answer_resends(self, client: CheckedClient) -> None:
         """Send archived batches again when a collector found their sequence numbers missing."""
         async for message in client.messages:
             try:
@@ -215,7 +147,7 @@ class Uplink:
             if len(self._resent_at) > 10_000:
                 self._resent_at = {s: t for s, t in self._resent_at.items() if now - t < 5}
 
-    async def _send(self, client: _CheckedClient, batch: Batch, resend: bool = False, archived: bool = False) -> None:
+    async def _send(self, client: CheckedClient, batch: Batch, resend: bool = False, archived: bool = False) -> None:
         msg = TelemetryBatch.model_construct(
             schema_=SCHEMA, cell=self.cell, gateway=self.gateway, stream=self.outbox.stream, seq=batch.seq,
             sent=int(time.time() * 1000), replay=batch.replay or resend, polls=polls(batch.readings),

@@ -106,7 +106,7 @@ async def test_the_uplink_sees_a_cancellation_aiomqtt_swallowed() -> None:
     """aiomqtt 2.5 waits with asyncio.wait_for, which on 3.11 can swallow a cancellation racing its result; the
     uplink checks for one after connecting. 3.11's TaskGroup leaves the count raised after a failed child, so
     only a rise since the connect attempt counts."""
-    from gateway.uplink import _cancel_requests, _raise_if_cancelled
+    from gateway.client import cancel_requests as _cancel_requests, raise_if_cancelled as _raise_if_cancelled
 
     async def fails() -> None:
         raise ValueError
