@@ -130,15 +130,38 @@ class MqttIdentity(_Strict):
 
 
 class OutboxSpec(_Strict):
-    """Bounds of the gateway's store-and-forward buffer, and what to do when it is full."""
+    """Bounds of the gateway's store-and-forward buffer, what to do when it is full, and what it writes to the
+    SD card (gateway/outbox.py says exactly what each setting keeps on SIGKILL and on power loss)."""
 
-    max_mb: float = Field(512, gt=0, description="disk the outbox may use")
+    max_mb: float = Field(512, gt=0, description="disk the outbox may use: database, WAL and .seq file together")
     max_readings: int = Field(10_000_000, ge=100)
     max_age_days: float = Field(60, gt=0, description="readings older than this are dropped (counted)")
     overflow: Literal["drop_oldest", "drop_newest"] = Field(
         "drop_oldest", description="drop_oldest keeps the present visible; drop_newest keeps the oldest gap-free")
-    fsync: Literal["full", "normal"] = Field("full", description="full survives power loss; normal only a crash")
+    write_window_s: float = Field(
+        5.0, ge=0, le=60, description="readings the broker has not acknowledged this long after they were taken "
+                                      "are written to the card; those it acknowledges sooner never are. "
+                                      "A SIGKILL with the broker connected may lose up to this much; 0: every "
+                                      "reading is written before it is sent")
+    sync_interval_s: float = Field(
+        1.0, ge=0, le=60, description="how often written readings are forced to the card (fsync): a power cut "
+                                      "loses at most this much of what was written; 0: at every commit")
+    keep_sent_s: float = Field(3600, ge=0, description="acknowledged batches kept (in RAM) for resend requests")
+    archive_mb: float = Field(4, ge=0, le=256, description="RAM the kept batches may use, compressed")
     batch_readings: int = Field(500, ge=1, le=50_000, description="readings per MQTT message")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fsync(cls, data: object) -> object:
+        """`fsync: full|normal` (before the write window) still reads: full = sync at every commit."""
+        if isinstance(data, dict) and "fsync" in data:
+            data = dict(data)
+            mode = data.pop("fsync")
+            if mode not in ("full", "normal"):
+                msg = f"fsync must be full or normal (or use sync_interval_s), got {mode!r}"
+                raise ValueError(msg)
+            data.setdefault("sync_interval_s", 0.0 if mode == "full" else 1.0)
+        return data
 
 
 class Gateway(_Strict):

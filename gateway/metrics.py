@@ -18,12 +18,26 @@ class GatewayMetrics:
         self.poll_duration = Histogram("kwwk_gateway_poll_seconds", "Time to read one device", ["device"],
                                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.poll_lateness = Histogram("kwwk_gateway_poll_lateness_seconds", "How late a poll started vs schedule",
-                                       ["device"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r)
+                                       ["device"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+                                                            0.25, 0.5, 1, 5), registry=r)
         self.polls_skipped = Counter("kwwk_gateway_polls_skipped_total",
                                      "Polls skipped because the previous one overran", ["device"], registry=r)
         self.outbox_depth = Gauge("kwwk_gateway_outbox_readings", "Readings waiting in the outbox", registry=r)
         self.outbox_oldest_age = Gauge("kwwk_gateway_outbox_oldest_age_seconds",
                                        "Age of the oldest reading in the outbox", registry=r)
+        self.outbox_in_ram = Gauge("kwwk_gateway_outbox_ram_readings",
+                                   "Readings held only in RAM, waiting for the broker's PUBACK (within the write window)",
+                                   registry=r)
+        self.outbox_disk_bytes = Gauge("kwwk_gateway_outbox_disk_bytes",
+                                       "Bytes the outbox has on disk (database, WAL, .seq file)", registry=r)
+        self.outbox_commits = Counter("kwwk_gateway_outbox_commits_total", "Group commits to the SD card", registry=r)
+        self.outbox_committed = Counter("kwwk_gateway_outbox_committed_readings_total",
+                                        "Readings written to the SD card, by why (window: not acknowledged in "
+                                        "time; offline: broker unreachable or stopping)", ["why"], registry=r)
+        self.outbox_archive = Gauge("kwwk_gateway_outbox_archived_batches",
+                                    "Acknowledged batches kept in RAM for resend requests", registry=r)
+        self.outbox_archive_bytes = Gauge("kwwk_gateway_outbox_archive_bytes",
+                                          "Compressed bytes of the archive of acknowledged batches", registry=r)
         self.outbox_dropped = Counter("kwwk_gateway_outbox_dropped_total",
                                       "Readings dropped by the outbox overflow policy", ["reason"], registry=r)
         self.published = Counter("kwwk_gateway_published_batches_total", "Batches acknowledged by the broker",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -27,7 +27,7 @@ class DevicePoller:
     reader: DeviceReader
     points: list[Point]
     interval: float
-    sink: Callable[[list[Reading]], None]
+    sink: Callable[[list[Reading]], Awaitable[None]]  # returns once the outbox has them
     metrics: GatewayMetrics
     last_ok: float | None = None
     last_error: str | None = None
@@ -77,11 +77,11 @@ class DevicePoller:
             self.metrics.reads.labels(self.device.id, "ok").inc()
         if readings:
             self.last_ok = time.time()
-            self.sink(readings)
+            await self.sink(readings)
         return readings
 
 
-def build_pollers(cfg: CellConfig, gateway: Gateway, sink: Callable[[list[Reading]], None],
+def build_pollers(cfg: CellConfig, gateway: Gateway, sink: Callable[[list[Reading]], Awaitable[None]],
                   metrics: GatewayMetrics) -> tuple[list[DevicePoller], list[ModbusLine]]:
     """One poller per device; devices on the same physical line share one ModbusLine (one request in flight)."""
     lines = LineRegistry()  # also refuses one serial port configured twice with different settings

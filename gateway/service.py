@@ -33,31 +33,48 @@ class GatewayService:
         self.metrics = GatewayMetrics()
         spec = self.gateway.outbox
         self.outbox = Outbox(outbox_path, max_readings=spec.max_readings, max_age_s=spec.max_age_days * 86400,
-                             max_bytes=int(spec.max_mb * 2**20), overflow=spec.overflow, fsync=spec.fsync)
+                             max_bytes=int(spec.max_mb * 2**20), overflow=spec.overflow,
+                             write_window_s=spec.write_window_s, sync_interval_s=spec.sync_interval_s,
+                             keep_sent_s=spec.keep_sent_s, archive_bytes=int(spec.archive_mb * 2**20),
+                             chunk_readings=spec.batch_readings)
         self.uplink = Uplink(cfg.cell.id, self.gateway.id, self.outbox, broker, self.metrics,
                              batch_size=spec.batch_readings)
         self.pollers, self.lines = build_pollers(cfg, self.gateway, self._store, self.metrics)
         self.health = HealthServer(self.metrics.registry, self.healthz, health_host, health_port)
-        self._dropped_seen: dict[str, int] = {}
+        self._seen: dict[tuple[str, ...], int] = {}  # outbox totals already counted in /metrics
         self.systemd = Systemd()
         self.started = time.time()
 
-    def _store(self, readings: list[Reading]) -> None:
-        stored = self.outbox.append(readings)
+    async def _store(self, readings: list[Reading]) -> None:
+        stored = await self.outbox.append(readings)
         for r in readings[:stored]:
             self.metrics.readings.labels(r.quality).inc()
-        self._sync_outbox_metrics()
+        self._sync_outbox_metrics(full=False)
         self.uplink.wakeup.set()
 
-    def _sync_outbox_metrics(self) -> None:
-        for reason, n in self.outbox.dropped.items():
-            new = n - self._dropped_seen.get(reason, 0)
-            if new:
-                self.metrics.outbox_dropped.labels(reason).inc(new)
-                self._dropped_seen[reason] = n
-        self.metrics.outbox_depth.set(self.outbox.depth)
-        oldest = self.outbox.oldest_ts()
+    def _sync_outbox_metrics(self, full: bool = True) -> None:
+        """Outbox counters into /metrics (as deltas: they are counters); sizes only when `full` (a stat each)."""
+        ob = self.outbox
+        for reason, n in ob.dropped.items():
+            self._inc(self.metrics.outbox_dropped.labels(reason), ("dropped", reason), n)
+        self.metrics.outbox_depth.set(ob.depth)
+        if not full:
+            return
+        self._inc(self.metrics.outbox_commits, ("commits",), ob.stats.commits)
+        for why, n in ob.stats.committed.items():
+            self._inc(self.metrics.outbox_committed.labels(why), ("committed", why), n)
+        self.metrics.outbox_in_ram.set(ob.in_ram)
+        self.metrics.outbox_disk_bytes.set(ob.disk_bytes())
+        self.metrics.outbox_archive.set(len(ob.archive))
+        self.metrics.outbox_archive_bytes.set(ob.archive.bytes)
+        oldest = ob.oldest_ts()
         self.metrics.outbox_oldest_age.set(max(0.0, time.time() - oldest / 1000) if oldest else 0)
+
+    def _inc(self, counter: Any, key: tuple[str, ...], total: int) -> None:
+        new = total - self._seen.get(key, 0)
+        if new > 0:
+            counter.inc(new)
+            self._seen[key] = total
 
     def healthz(self) -> dict[str, Any]:
         devices = {
@@ -73,14 +90,11 @@ class GatewayService:
                 "outbox_dropped": dict(self.outbox.dropped), "devices": devices}
 
     async def _housekeeping(self) -> None:
-        """Expire old readings, refresh gauges, and pet systemd's watchdog: if this loop stalls, systemd restarts us."""
+        """Refresh gauges and pet systemd's watchdog: if the event loop stalls, systemd restarts us."""
         period = min(5.0, self.systemd.watchdog_interval or 5.0)
         while True:
             self.systemd.watchdog()
             await asyncio.sleep(period)
-            self.outbox.expire()
-            self.outbox.prune_sent()
-            self.outbox.enforce_size()
             self._sync_outbox_metrics()
             self.systemd.status(f"outbox {self.outbox.depth} readings, broker "
                                 f"{'connected' if self.uplink.connected else 'unreachable'}")
@@ -94,6 +108,7 @@ class GatewayService:
         tasks = [asyncio.create_task(p.run(), name=f"kwwk.poll.{p.device.id}") for p in self.pollers]
         tasks.append(asyncio.create_task(self.uplink.run(), name="kwwk.uplink"))
         tasks.append(asyncio.create_task(self._housekeeping(), name="kwwk.housekeeping"))
+        tasks.append(asyncio.create_task(self.outbox.run(), name="kwwk.outbox"))
         self.systemd.ready(f"polling {len(self.pollers)} devices")
         waiter: asyncio.Task[bool] | None = None
         try:
@@ -114,5 +129,5 @@ class GatewayService:
             for line in self.lines:
                 await line.close()
             await self.health.stop()
-            self.outbox.close()
+            await self.outbox.close()
             log.info("gateway stopped", gateway=self.gateway.id)

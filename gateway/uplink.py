@@ -47,7 +47,7 @@ class Uplink:
         self.topic = telemetry_topic(cell, gateway)
         self.status = status_topic(cell, gateway)
         self.resend = resend_topic(cell, gateway)
-        self._resent_at: dict[int, float] = {}
+        self._resent_at: dict[tuple[str, int], float] = {}
         self.last_refusal: str | None = None
 
     def _status(self, state: str) -> bytes:
@@ -74,6 +74,7 @@ class Uplink:
                         raise_if_cancelled(requested)  # aiomqtt's connect waits with wait_for
                         backoff.success()
                         self.connected = True
+                        self.outbox.online = True  # readings wait in RAM for the PUBACK (gateway/outbox.py)
                         self.metrics.connected.set(1)
                         self.metrics.connects.labels("ok").inc()
                         log.info("connected to broker", host=s.host, port=s.port, tls=s.tls)
@@ -105,13 +106,14 @@ class Uplink:
             finally:
                 self.connected = False
                 self.metrics.connected.set(0)
+                await self.outbox.go_offline()  # what waited in RAM for the broker goes to disk now
             await asyncio.sleep(backoff.failure())
 
     async def _drain(self, client: CheckedClient) -> None:
-        for batch in self.outbox.in_flight():  # numbered before a crash or disconnect: same seq again
-            await self._send(client, batch, resend=True)
+        for again in self.outbox.in_flight():  # numbered before a crash or disconnect: same seq again
+            await self._send(client, again, resend=True)
         while True:
-            batch = self.outbox.next_batch(self.batch_size)
+            batch = await self.outbox.next_batch(self.batch_size)
             if batch is None:
                 self.wakeup.clear()
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the
@@ -130,18 +132,18 @@ class Uplink:
             except MessageError as err:
                 log.warning("ignored a malformed resend request", error=str(err)[:200])
                 continue
-            if request.stream != self.outbox.stream:
-                continue  # about an earlier outbox of this gateway: nothing we can do
             now = time.monotonic()
             for seq in sorted(set(request.seqs)):
-                if now - self._resent_at.get(seq, -1e9) < 5:
+                key = (request.stream, seq)
+                if now - self._resent_at.get(key, -1e9) < 5:
                     continue  # several collector replicas ask for the same batch at about the same time
-                batch = self.outbox.sent_batch(seq)
+                batch = self.outbox.sent_batch(key)
                 if batch is None:
                     self.metrics.resend_missing.inc()
-                    log.warning("asked to resend a batch no longer kept", seq=seq)
+                    log.warning("asked to resend a batch no longer kept", stream=request.stream, seq=seq,
+                                archived=len(self.outbox.archive))
                     continue
-                self._resent_at[seq] = now
+                self._resent_at[key] = now
                 await self._send(client, batch, resend=True, archived=True)
                 self.metrics.resent.inc()
             if len(self._resent_at) > 10_000:
@@ -149,13 +151,13 @@ class Uplink:
 
     async def _send(self, client: CheckedClient, batch: Batch, resend: bool = False, archived: bool = False) -> None:
         msg = TelemetryBatch.model_construct(
-            schema_=SCHEMA, cell=self.cell, gateway=self.gateway, stream=self.outbox.stream, seq=batch.seq,
+            schema_=SCHEMA, cell=self.cell, gateway=self.gateway, stream=batch.stream, seq=batch.seq,
             sent=int(time.time() * 1000), replay=batch.replay or resend, polls=polls(batch.readings),
             outbox_depth=self.outbox.depth, read_errors=self.metrics.read_errors_total())
         await client.publish_acked(self.topic, msg.to_json())  # returns after a successful PUBACK, else raises
         if archived:
             return
-        self.outbox.ack(batch.seq)
+        await self.outbox.ack(batch.key)
         self.last_puback = time.time()
         self.metrics.last_puback.set(self.last_puback)
         self.metrics.published.labels(str(batch.replay or resend).lower()).inc()

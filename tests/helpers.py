@@ -71,9 +71,9 @@ class RecordingGateway(GatewayService):
         super().__init__(*args, **kwargs)
         self.produced: list[Reading] = []
 
-    def _store(self, readings: list[Reading]) -> None:
+    async def _store(self, readings: list[Reading]) -> None:
         self.produced.extend(readings)
-        super()._store(readings)
+        await super()._store(readings)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +21,7 @@ from collector.storage import InfluxSettings
 from edge.cell import CellConfig, load_cell
 from edge.sim import SimulatorServer
 from gateway.settings import gateway_mqtt
+from gateway.store import stored_readings
 from edge.sim.ports import reserve_port
 from kwwk.dev.localservers import InfluxDB1, Mosquitto
 from tests.conftest import ROOT, start_simulator
@@ -122,20 +123,18 @@ def _gateway_proc(cell: Path, mqtt_port: int, outbox: Path, log: Path) -> subpro
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "KWWK_LOG_LEVEL": "INFO"})
 
 
-def _outbox_count(path: Path) -> int:
-    """Readings in the outbox of a running gateway (0 while its write holds the lock: ask again)."""
-    try:
-        return len(_outbox_rows(path))
-    except sqlite3.OperationalError:
-        return 0
-
-
-def _outbox_rows(path: Path) -> dict[tuple[str, str, int], float]:
-    db = sqlite3.connect(path)
-    try:
-        return {(d, p, t): v for d, p, t, v in db.execute("SELECT device, point, ts, value FROM readings")}
-    finally:
-        db.close()
+def _outbox_rows(path: Path, copy_dir: Path | None = None) -> dict[tuple[str, str, int], float]:
+    """Readings in an outbox: of a stopped gateway, or (copy_dir) of a running one, copied file by file as a
+    power cut would leave them (the running gateway holds its database exclusively)."""
+    if not path.exists():
+        return {}
+    if copy_dir is not None:
+        copy_dir.mkdir(parents=True, exist_ok=True)
+        # the WAL first: a checkpoint between the two copies then leaves a database the WAL copy still covers
+        for f in sorted(path.parent.glob(path.name + "*"), key=lambda f: not f.name.endswith("-wal")):
+            shutil.copyfile(f, copy_dir / f.name)
+        path = copy_dir / path.name
+    return {(r.device, r.point, r.ts): r.value for r in stored_readings(path)}
 
 
 async def test_sigkill_then_restart_delivers_the_outbox_and_continues_the_sequence(
@@ -154,7 +153,9 @@ async def test_sigkill_then_restart_delivers_the_outbox_and_continues_the_sequen
     try:
         await wait_for(lambda: len(recorder.snapshot()) >= 3, 20, "telemetry from the gateway process")
         mosquitto.stop()
-        await wait_for(lambda: _outbox_count(outbox) >= 4 * 13, 20, "readings piling up in the outbox, broker down")
+        copies = iter(range(1000))
+        await wait_for(lambda: len(_outbox_rows(outbox, tmp_path / f"copy{next(copies)}")) >= 4 * 13, 20,
+                       "readings piling up in the outbox, broker down")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         seen_before = {m["seq"] for m in recorder.snapshot()}

@@ -113,16 +113,17 @@ def test_summarised_keeps_one_summary_per_logger_and_event() -> None:
     assert [e for e, _ in log.lines] == ["outbox overflow: readings dropped", "another event"]
 
 
-def test_an_overflowing_outbox_logs_its_first_drop_not_a_line_per_append(tmp_path: Path) -> None:
+async def test_an_overflowing_outbox_logs_its_first_drop_not_a_line_per_append(tmp_path: Path) -> None:
     from structlog.testing import capture_logs
 
     from edge.telemetry import Reading
     from gateway.outbox import Outbox
 
-    outbox = Outbox(tmp_path / "ob.sqlite", max_readings=10, fsync="normal")
+    outbox = Outbox(tmp_path / "ob.sqlite", max_readings=10)
     with capture_logs() as logs:
-        for k in range(500):  # every append (a poll) overflows
-            outbox.append([Reading("grid", "power", 1_795_304_815_000 + k, 1.0)])
+        for k in range(500):  # every append (a poll) overflows; no broker: each is committed
+            await outbox.append([Reading("grid", "power", 1_795_304_815_000 + k, 1.0)])
+    await outbox.close()
     assert outbox.dropped == {"full_drop_oldest": 490}
     assert len([entry for entry in logs if entry["event"].startswith("outbox overflow")]) <= 2, logs[:5]
 
