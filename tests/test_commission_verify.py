@@ -35,6 +35,7 @@ from edge.sim.ports import reserve_port
 from gateway.commission.checks import MqttOutcome, clock_check
 from gateway.commission.report import write_reports
 from gateway.commission.verify import VerifyReport, verify
+from gateway.outbox import Outbox
 from kwwk.deploy.broker import write_broker_files
 from kwwk.dev.localservers import Mosquitto
 
@@ -332,6 +333,13 @@ async def test_fails_on_an_outbox_that_cannot_be_written_or_has_no_room(site: Si
     sqlite3.connect(good).executescript("CREATE TABLE readings (id INTEGER PRIMARY KEY); INSERT INTO readings DEFAULT VALUES;")
     report = await site.verify(outbox=good, pause=0)
     assert by_name(report)["outbox"].status == "pass" and "integrity ok" in " ".join(by_name(report)["outbox"].details)
+    running = Outbox(site.tmp / "running" / "outbox.sqlite")  # a gateway's outbox, open: held exclusively
+    try:
+        report = await site.verify(outbox=running.path, pause=0)
+    finally:
+        await running.close()
+    in_use = by_name(report)["outbox"]
+    assert in_use.status == "fail" and "in use" in in_use.summary and "systemctl stop" in in_use.fix
 
 
 async def _cli(*args: str) -> tuple[int, str]:

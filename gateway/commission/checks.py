@@ -358,7 +358,7 @@ def outbox_check(path: Path, *, max_mb: float, min_free_mb: float | None = None,
     if owner_problem:
         return Check("outbox", "fail", owner_problem,
                      f"sudo chown -R {service_user}:{service_user} {probe_dir}", details)
-    used = sum(p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists())
+    used = sum(p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}.seq")) if p.exists())
     if path.exists():
         try:
             con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
@@ -368,6 +368,9 @@ def outbox_check(path: Path, *, max_mb: float, min_free_mb: float | None = None,
                 con.close()
         except sqlite3.Error as err:
             result = str(err)
+        if "locked" in result:  # a running gateway holds its outbox exclusively (gateway/store.py)
+            return Check("outbox", "fail", "the outbox is in use: a gateway is running on it",
+                         "stop it first (sudo systemctl stop kwwk-gateway), then verify again", details)
         if result != "ok":
             return Check("outbox", "fail", f"the outbox database is damaged: {result}",
                          f"stop the gateway, move {path} aside (keep it for the operator: it may hold unsent "
