@@ -34,6 +34,9 @@ class GatewayMetrics:
         self.outbox_committed = Counter("kwwk_gateway_outbox_committed_readings_total",
                                         "Readings written to the SD card, by why (window: not acknowledged in "
                                         "time; offline: broker unreachable or stopping)", ["why"], registry=r)
+        self.outbox_errors = Counter("kwwk_gateway_outbox_write_errors_total",
+                                     "Disk writes the outbox could not make (a full or failing card), retried",
+                                     registry=r)
         self.outbox_archive = Gauge("kwwk_gateway_outbox_archived_batches",
                                     "Acknowledged batches kept in RAM for resend requests", registry=r)
         self.outbox_archive_bytes = Gauge("kwwk_gateway_outbox_archive_bytes",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -133,6 +134,7 @@ class Outbox:
         self.archive = Archive(keep_sent_s, archive_bytes)
         self.dropped: dict[str, int] = {}
         self.stats = OutboxStats()
+        self.errors = 0  # disk writes that failed (a full or failing card), retried
         #: set by the uplink: while False, every reading is committed before append() returns
         self.online = False
         # the WAL's cap: an eighth of the budget (a checkpoint copies at most that), 16 KiB .. 4 MiB
@@ -327,6 +329,14 @@ class Outbox:
         self._limbo += n
         try:
             ids = await self._commit(chunks + waiting, "offline" if force else "window")
+        except BaseException:
+            for back in reversed(groups):  # nothing was written: all of it waits in RAM again, in order
+                self._stage.appendleft(_Staged(time.monotonic() - self.write_window_s, back))
+                self._staged += len(back)
+            for f in flights:
+                if f.ids == []:
+                    f.ids = None
+            raise
         finally:
             self._limbo -= n
         orphans = []
@@ -431,12 +441,17 @@ class Outbox:
         last_upkeep = time.monotonic()
         while True:
             await asyncio.sleep(tick)
-            await self.commit_overdue()
-            if self._store.unsynced:
-                await self._run(self._store.sync_if_due)
-            if time.monotonic() - last_upkeep >= 5:
-                last_upkeep = time.monotonic()
-                await self.maintain()
+            try:
+                await self.commit_overdue()
+                if self._store.unsynced:
+                    await self._run(self._store.sync_if_due)
+                if time.monotonic() - last_upkeep >= 5:
+                    last_upkeep = time.monotonic()
+                    await self.maintain()
+            except (OSError, sqlite3.Error) as err:  # a full or failing card: keep what is in RAM, try again
+                self.errors += 1
+                summarised(log, "outbox: the disk refused a write; readings stay in RAM", type(err).__name__,
+                           error=str(err), in_ram=self.in_ram, path=str(self.path))
 
     async def close(self) -> None:
         """A clean stop: everything in RAM is committed (a stop loses nothing), then the files are closed."""

@@ -61,6 +61,7 @@ class GatewayService:
         if not full:
             return
         self._inc(self.metrics.outbox_commits, ("commits",), ob.stats.commits)
+        self._inc(self.metrics.outbox_errors, ("errors",), ob.errors)
         for why, n in ob.stats.committed.items():
             self._inc(self.metrics.outbox_committed.labels(why), ("committed", why), n)
         self.metrics.outbox_in_ram.set(ob.in_ram)
@@ -86,7 +87,8 @@ class GatewayService:
         status = "ok" if broker_ok and not all(d["stale"] for d in devices.values()) else "degraded"
         return {"status": status, "gateway": self.gateway.id, "cell": self.cfg.cell.id, "broker_connected": broker_ok,
                 "last_puback": self.uplink.last_puback, "publish_refused": self.uplink.last_refusal,
-                "outbox_depth": self.outbox.depth,
+                "outbox_depth": self.outbox.depth, "outbox_in_ram": self.outbox.in_ram,
+                "outbox_disk_errors": self.outbox.errors,
                 "outbox_dropped": dict(self.outbox.dropped), "devices": devices}
 
     async def _housekeeping(self) -> None:
