@@ -15,6 +15,15 @@ class Backoff:
     The jitter is "equal jitter": the delay is drawn from [d/2, d]. Devices that died together
     (a bus that lost power) do not come back in lockstep, and the wait never drops below half
     the nominal one, so a dead device costs at most one timeout per half-period.
+
+    The same holds for a fleet of gateways losing their broker (MqttSettings: base 0.2-1 s,
+    cap 2 s). After a few failures every gateway tries again every 1-2 s (uniform), and each
+    one's attempts drift apart from the others'. When the broker comes back, a gateway's next
+    attempt is thus 0-2 s away: about two thirds of N gateways arrive in the first second,
+    the rest in the second, none later (mean wait ~0.8 s). The broker sees at most about N/1.5
+    connects a second, tapering off over the second second, not N at once; no gateway waits more
+    than the cap. A higher cap only spreads the fleet thinner at the price of a longer wait for
+    every one of them (a 30 s cap kept gateways away for up to 20 s after the broker returned).
     """
 
     def __init__(self, base: float, cap: float, *, clock: Callable[[], float] = time.monotonic,

@@ -1,18 +1,24 @@
-"""The MQTT client the uplink publishes with: a PUBACK's reason code kept, cancellation never swallowed.
+"""The MQTT client the uplink publishes with: a PUBACK's reason code kept, cancellation never swallowed, a wait
+for the broker's answer ended by the connection's loss.
 
-aiomqtt 2.5 drops the reason code of a PUBACK and waits for CONNACK/SUBACK with asyncio.wait_for; both are
-worked around here, in one place, so the uplink reads as plain publish/subscribe.
+aiomqtt 2.5 drops the reason code of a PUBACK, waits for CONNACK/SUBACK with asyncio.wait_for, and leaves a wait
+for CONNACK/PUBACK/SUBACK running to its timeout when the connection drops under it (only its message iterator
+watches for the loss); all are worked around here, in one place, so the uplink reads as plain publish/subscribe.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import math
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import aiomqtt
 import paho.mqtt.client as mqtt
 
 __all__ = ["CheckedClient", "PublishRefused", "cancel_requests", "raise_if_cancelled"]
+
+T = TypeVar("T")
 
 
 class PublishRefused(aiomqtt.MqttError):
@@ -25,7 +31,8 @@ class PublishRefused(aiomqtt.MqttError):
 
 class CheckedClient(aiomqtt.Client):
     """aiomqtt 2.5 drops the PUBACK reason code, so a publish the broker refused would look delivered and the
-    outbox would forget it. This keeps the code (through aiomqtt's internals, hence aiomqtt<3 in pyproject)."""
+    outbox would forget it. This keeps the code, and ends every wait for the broker's answer when the connection
+    is lost (through aiomqtt's internals, hence aiomqtt<3 in pyproject)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -35,20 +42,48 @@ class CheckedClient(aiomqtt.Client):
         self.reasons[mid] = int(getattr(reason_code, "value", 0) or 0)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        """A connection lost before its CONNACK fails the connect at once. aiomqtt ignores a loss before CONNACK,
+        so a broker stopped while starting up, or killed between accepting and answering, held the connect
+        for the whole timeout (10 s in the uplink) although the connection was already gone."""
+        if self._lock.locked() and not self._connected.done():  # connecting (not after a clean exit)
+            msg = f"the broker closed the connection before answering it ({reason_code})"
+            self._connected.set_exception(aiomqtt.MqttError(msg))
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    async def _answer(self, answer: Awaitable[T], what: str) -> T:
+        """Wait for the broker's answer, at most `timeout` s, and no longer than the connection lasts.
+
+        Without the second bound a broker that died mid-wait held the caller for the whole timeout (10 s in the
+        uplink) after it had gone; the first bound is for a broker that is there but does not answer. An answer
+        that came in just before the loss still counts. asyncio.wait, not wait_for: see raise_if_cancelled."""
+        waiting = asyncio.ensure_future(answer)
+        lost = self._disconnected
+        try:
+            await asyncio.wait((waiting, lost), timeout=None if self.timeout == math.inf else self.timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()  # nothing when answered; else the wait is over either way
+        if waiting.done() and not waiting.cancelled():
+            return waiting.result()
+        if lost.done():
+            cause = None if lost.cancelled() else lost.exception()
+            msg = f"the connection to the broker was lost while waiting for its {what}"
+            raise aiomqtt.MqttError(msg) from cause
+        msg = f"no {what} from the broker within {self.timeout}s"
+        raise aiomqtt.MqttError(msg)
+
     async def publish_acked(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish and return once the broker accepted it; raise PublishRefused when it did not."""
+        """Publish and return once the broker accepted it; raise PublishRefused when it did not, MqttError when
+        there was no answer (the connection was lost, or the timeout passed)."""
         info = self._client.publish(topic, payload, qos, retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
         if not info.is_published():
             confirmation = asyncio.Event()
             with self._pending_call(info.mid, confirmation, self._pending_publishes):
-                try:
-                    async with asyncio.timeout(self.timeout):  # not wait_for: see _drain
-                        await confirmation.wait()
-                except TimeoutError as err:
-                    msg = f"no PUBACK from the broker within {self.timeout}s"
-                    raise aiomqtt.MqttError(msg) from err
+                await self._answer(confirmation.wait(), "PUBACK")
         code = self.reasons.pop(info.mid, 0)
         if code >= 0x80:
             raise PublishRefused(code, topic)
@@ -60,12 +95,7 @@ class CheckedClient(aiomqtt.Client):
             raise aiomqtt.MqttCodeError(result, "Could not subscribe to topic")
         granted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self._pending_call(mid, granted, self._pending_subscribes):
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await granted
-            except TimeoutError as err:
-                msg = f"no SUBACK from the broker within {self.timeout}s"
-                raise aiomqtt.MqttError(msg) from err
+            await self._answer(granted, "SUBACK")
 
 
 def cancel_requests() -> int:

@@ -61,9 +61,12 @@ def gateway_client_id(gateway: str) -> str:
 
 
 def gateway_mqtt(gateway: str | None = None, **fields: Any) -> MqttSettings:
-    """MqttSettings with the gateway's session and reconnect defaults (fields override them)."""
-    base: dict[str, Any] = {"session_expiry_s": GATEWAY_SESSION_EXPIRY_S, "reconnect_min_s": 1.0,
-                            "reconnect_max_s": 30.0}
+    """MqttSettings with the gateway's session and reconnect defaults (fields override them).
+
+    Reconnect delays are capped by MqttSettings' reconnect_max_s (2 s), not raised for the gateway: a cap of
+    30 s kept gateways off a returned broker for up to 20 s (issue 15); edge/backoff.py says why 2 s with
+    jitter does not storm the broker."""
+    base: dict[str, Any] = {"session_expiry_s": GATEWAY_SESSION_EXPIRY_S, "reconnect_min_s": 1.0}
     if gateway is not None:
         base["client_id"] = gateway_client_id(gateway)
     return MqttSettings(**{**base, **fields})
