@@ -117,7 +117,6 @@ def _proc(pid: int) -> tuple[dict[str, int], float, int, int]:
     return io, cpu, int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
 
 
-
 class GatewayProcess:
     """`kwwk gateway run` in a process of its own, health on port 0 (read back from /proc), log kept in memory."""
 
@@ -305,12 +304,9 @@ class Bench:
             self._wait(task, max(5.0, 2 * interval))  # imports, connections and first polls are not steady state
 
             self.progress.update(task, description=f"{name}: steady state", total=self.steady_s, completed=0)
-            usual = [0.0]  # the most readings waiting for their PUBACK while the broker is up
-
-            def sample() -> None:
-                usual[0] = max(usual[0], gw.metrics().pending)
+            waiting: list[float] = []  # readings waiting for their PUBACK while the broker is up, once a second
             a = gw.snapshot()
-            self._wait(task, self.steady_s, sample)
+            self._wait(task, self.steady_s, lambda: waiting.append(gw.metrics().pending))
             b = gw.snapshot()
             rows.append(Row(name, "steady", a, b, gw.outbox_bytes()))
             per_round = b.metrics.total("kwwk_gateway_readings_total") - a.metrics.total("kwwk_gateway_readings_total")
@@ -325,7 +321,7 @@ class Bench:
 
             self.progress.update(task, description=f"{name}: replay", total=None, completed=0)
             broker.start()
-            rows.append(self._replay(name, task, gw, caught_up=max(usual[0], per_round) + 1))
+            rows.append(self._replay(name, task, gw, caught_up=max([*waiting, per_round]) + 1))
         self.progress.update(task, description=f"{name}: done", total=1, completed=1)
         return rows
 
@@ -400,7 +396,8 @@ def main() -> None:
                   "(kwwk_gateway_readings_total); GB/day at the window's rate. Write syscalls include sockets. "
                   "CPU: utime+stime. RSS: VmRSS at the window's end, peak VmHWM since start.\n"
                   "* poll lateness p99: a bucket estimate (kwwk_gateway_poll_lateness_seconds, bucket deltas over "
-                  "the window, interpolated within the bucket). Outbox: every file beside the outbox at the "
+                  "the window, interpolated within the bucket). Steady state: /metrics scraped once a second. "
+                  "Outbox: every file beside the outbox at the "
                   f"phase's end. Replay: the broker's return until no more readings wait than in steady state "
                   f"(/metrics polled every {SAMPLE_S * 1000:.0f} ms, which costs the gateway a little CPU); "
                   "its rate is readings acknowledged / time since connected again.")
