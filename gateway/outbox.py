@@ -146,6 +146,8 @@ class Outbox:
         self._stage: deque[_Staged] = deque()
         self._staged = 0
         self._limbo = 0  # readings on their way to the disk (a commit in progress)
+        self._on_disk = (self._store.waiting_n, self._store.numbered_n)  # as of the last disk operation
+        self._pending_n = 0  # readings waiting for the next group commit (broker unreachable)
         self._flights: dict[Key, _Flight] = {}
         now = time.monotonic()
         for chunk, ids in self._pool.submit(self._store.in_flight).result():
@@ -160,15 +162,23 @@ class Outbox:
         self._closed = False
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run disk work on the outbox thread; the event loop goes on polling meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        """Run disk work on the outbox thread; the event loop goes on polling meanwhile. The store's counts
+        are taken on that thread with the result, and applied in the same step as the caller's own
+        bookkeeping: `depth` never counts a reading twice (on disk and still on its way) or not at all."""
+        store = self._store
+
+        def call() -> tuple[T, tuple[int, int]]:
+            return fn(*args), (store.waiting_n, store.numbered_n)
+
+        result, self._on_disk = await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return result
 
     # -- state -----------------------------------------------------------------------------------
     @property
     def depth(self) -> int:
         """Readings not yet acknowledged by the broker, wherever they are."""
         ram_flights = sum(len(f.batch.readings) for f in self._flights.values() if f.ids is None)
-        return self._staged + self._limbo + ram_flights + self._store.waiting_n + self._store.numbered_n
+        return self._staged + self._limbo + self._pending_n + ram_flights + sum(self._on_disk)
 
     @property
     def in_ram(self) -> int:
@@ -192,29 +202,31 @@ class Outbox:
         rows = list(readings)
         if not rows:
             return 0
-        room = self.max_readings - self.depth
-        excess = max(0, len(rows) - max(room, 0))
+        excess = max(0, self.depth + len(rows) - self.max_readings)  # also a backlog above a lowered bound
         if excess and self.overflow == "drop_newest":
-            self._drop("full_drop_newest", excess)
-            rows, excess = rows[: max(room, 0)], 0
+            keep = max(0, len(rows) - excess)
+            self._drop("full_drop_newest", len(rows) - keep)
+            rows, excess = rows[:keep], 0
         if not rows:
             return 0
-        self._limbo += len(rows)  # counted from now on: a poll finishing meanwhile sees them in depth
+        n = len(rows)
+        self._limbo += n  # counted from now on: a poll finishing meanwhile sees them in depth
         try:
             if excess:
                 await self._drop_oldest(excess, "full_drop_oldest")
-            if not self.online:
-                await self._write_through(rows)
-                return len(rows)
         finally:
-            self._limbo -= len(rows)
-        self._stage.append(_Staged(time.monotonic(), rows))
-        self._staged += len(rows)
-        return len(rows)
+            self._limbo -= n
+        if self.online:
+            self._stage.append(_Staged(time.monotonic(), rows))
+            self._staged += n
+        else:
+            await self._write_through(rows)
+        return n
 
     async def _write_through(self, rows: list[Reading]) -> None:
         """Group commit: polls that finish while a commit is under way share the next one."""
         self._pending.append(rows)
+        self._pending_n += len(rows)
         fut = self._pending_done
         if fut is None:
             fut = self._pending_done = asyncio.get_running_loop().create_future()
@@ -224,12 +236,15 @@ class Outbox:
     async def _flush_pending(self, fut: asyncio.Future[None]) -> None:
         await asyncio.sleep(0)  # let the polls finishing in this moment join
         groups, self._pending, self._pending_done = self._pending, [], None
+        n = sum(len(g) for g in groups)
         try:
             await self._commit(self._chunks(groups), "offline")
         except BaseException as err:  # noqa: BLE001 (the appenders waiting for this commit get the error)
+            self._pending_n -= n
             if not fut.done():
                 fut.set_exception(err)
             return
+        self._pending_n -= n  # the same step that took the store's new counts: never counted twice
         fut.set_result(None)
 
     def _chunks(self, groups: Iterable[list[Reading]]) -> list[tuple[str | None, int | None, bool, list[Reading]]]:
@@ -292,7 +307,7 @@ class Outbox:
 
     async def _drop_oldest(self, n: int, reason: str) -> None:
         gone = 0
-        if self._store.waiting_n:
+        if self._on_disk[0]:
             gone = await self._run(functools.partial(self._store.drop, n, newest=False))
             self._oldest_disk = await self._run(self._store.oldest_ts)
         while gone < n and self._stage:
@@ -397,7 +412,7 @@ class Outbox:
         return batch
 
     async def _next_backlog(self, max_readings: int, replay_before: int) -> Batch | None:
-        if not self._store.waiting_n:
+        if not self._on_disk[0]:
             return None
         taken = await self._run(self._store.take_waiting, max_readings, replay_before)
         if taken is None:
@@ -428,7 +443,7 @@ class Outbox:
     async def maintain(self, now_ms: int | None = None) -> None:
         """Drop waiting readings past the age limit (counted), forget old archived batches, keep the size."""
         now_ms = now_ms or int(time.time() * 1000)
-        if self._store.waiting_n:
+        if self._on_disk[0]:
             expired = await self._run(functools.partial(self._store.drop, 0, newest=False,
                                                         cutoff_ts=now_ms - self.max_age_ms))
             self._drop("expired", expired, deleted=True)

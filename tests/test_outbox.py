@@ -324,11 +324,10 @@ async def test_a_full_outbox_applies_its_policy(tmp_path: Path, policy: str, onl
         assert _keys(kept) == _keys(order[:100]), "the first 100 are kept, in order"
 
 
-@pytest.mark.xfail(strict=True, reason="found in issue 15's review: append() drops only as many as it adds (a chunk "
-                   "at a time), so a backlog above a lowered max_readings stays above it; the old outbox shrank it")
 async def test_a_lowered_max_readings_bounds_an_existing_backlog(tmp_path: Path) -> None:
     """The gateway restarted with a smaller max_readings than its outbox holds (the operator lowered it):
-    the next append brings the depth down to the bound (as the outbox before issue 15 did), drop_oldest."""
+    the next append brings the depth down to the bound (as the outbox before issue 15 did), drop_oldest. Whole
+    chunks go (the readings of one commit, at most batch_readings): at most one chunk more than needed."""
     path = tmp_path / "ob.sqlite"
     ob = Outbox(path)
     await asyncio.gather(*(ob.append(_readings(100)) for _ in range(50)))
@@ -342,6 +341,7 @@ async def test_a_lowered_max_readings_bounds_an_existing_backlog(tmp_path: Path)
         await ob.close()
     print(f"\nmax_readings 1000 over a backlog of 5000: after one append depth {depth}, dropped {dropped}")
     assert depth <= 1000, "the bound applies to what the outbox already holds"
+    assert depth > 1000 - 500 and dropped == {"full_drop_oldest": 5010 - depth}, "no more than a chunk too many"
 
 
 # --- 5. the archive of acknowledged batches -------------------------------------------------------------------
