@@ -448,3 +448,36 @@ def test_a_missing_scale_factor_or_register_leaves_the_value_out_and_says_why() 
     assert decoded.missing == [sf] and decoded.unscaled == {"power": sf} and "power" not in decoded.values
     golden = sunspec.decode_points({}, [sunspec.by_name["frequency"]])
     assert golden.missing == ["frequency"] and not golden.values
+
+
+_SIM_CELLS = sorted([*(Path(__file__).parent.parent / "firmware_configs/cells").glob("*.yaml"),
+                     *(Path(__file__).parent / "data").glob("*cell.yaml")])
+
+
+@pytest.mark.parametrize("cell_path", _SIM_CELLS, ids=[f"{p.parent.name}/{p.name}" for p in _SIM_CELLS])
+def test_the_simulated_sites_stay_within_their_profiles_plausible_ranges_all_year(cell_path: Path) -> None:
+    """Every quarter hour of every fourth day of a year: each value the simulator serves lies in its point's plausible
+    range. A range narrower than what the site really does (seen: a grid meter at 100.4 A at the evening peak,
+    against 0-100 A) made probe and verify fail only at certain hours of the day."""
+    from edge.cell import load_cell
+    from edge.sim.site import Site
+
+    cfg = load_cell(cell_path)
+    start = 1_798_761_600  # 2027-01-01 00:00 UTC
+    outside: dict[tuple[str, str], tuple[float, tuple[float, float]]] = {}
+    checked = 0
+    for t in range(start, start + 365 * 86400, 4 * 86400 + 3600):  # the hour moves a step each time
+        for quarter in range(96):
+            site = Site(cfg, t + quarter * 900)
+            for device, values in site.state.items():
+                profile = cfg.profiles[device]
+                for name, value in values.items():
+                    point = profile.by_name.get(name)
+                    if point is None or point.range is None:
+                        continue
+                    checked += 1
+                    low, high = point.range
+                    if not low <= value <= high:
+                        outside.setdefault((device, name), (value, (low, high)))
+    assert checked > 1_000
+    assert not outside, f"{cell_path.name}: simulated values outside the profile's plausible range: {outside}"
