@@ -62,7 +62,7 @@ async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mos
     sim, cfg = await _simulated(tmp_path)
     recorder = Recorder(mosquitto.port)
     stop = asyncio.Event()
-    gw = RecordingGateway(cfg, "gw-two", gateway_mqtt(port=mosquitto.port, reconnect_max_s=3), tmp_path / "ob.sqlite")
+    gw = RecordingGateway(cfg, "gw-two", gateway_mqtt(port=mosquitto.port), tmp_path / "ob.sqlite")  # its defaults
     collector = CollectorSettings(mqtt=COLLECTOR_MQTT.replace(port=mosquitto.port, client_id="test-collector"),
                                   flush_interval_s=0.2, audit_interval_s=2, audit_grace_s=3)
     tasks = [asyncio.create_task(gw.run(stop)),
@@ -70,12 +70,18 @@ async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mos
                                                stop=stop))]
     try:
         await wait_for(lambda: len(recorder.snapshot()) >= 3, 15, "telemetry before the outage")
-        mosquitto.stop()
+        await asyncio.to_thread(mosquitto.stop)  # in a thread: the gateway's loop runs on meanwhile
         outage = (time.time() * 1000, None)
+        await wait_for(lambda: not gw.uplink.connected, 10, "the gateway to notice the broker is gone", interval=0.02)
+        failed_before = _failed_connects(gw)
         await asyncio.sleep(OUTAGE_S)  # the outage itself: time has to pass, with the gateway polling throughout
         depth_during = gw.outbox.depth
-        mosquitto.start()
+        failed_during = _failed_connects(gw) - failed_before
+        await asyncio.to_thread(mosquitto.start)
+        back = time.monotonic()
         outage = (outage[0], time.time() * 1000)
+        await wait_for(lambda: gw.uplink.connected, 30, "the gateway to reconnect", interval=0.01)
+        reconnected_after = time.monotonic() - back
         await wait_for(lambda: gw.outbox.depth < 100, 60, "the outbox to drain")
         stop_at = time.time() * 1000
         # everything taken until now must end up stored (the collector's audit may ask for resends)
@@ -86,6 +92,11 @@ async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mos
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await sim.stop()
+    # issue 15: back within 2 s of the broker's return. The figure is printed (wall clock is not asserted);
+    # what is asserted is its cause: attempts every 1-2 s (cap 2 s, equal jitter), at least OUTAGE_S / 2 / 2
+    print(f"\nbroker back after {OUTAGE_S} s: the gateway connected again {reconnected_after:.2f} s later; "
+          f"{failed_during:.0f} failed attempts during the outage")
+    assert failed_during >= OUTAGE_S / 2 / 2, f"only {failed_during:.0f} attempts in {OUTAGE_S} s: the cap is above 2 s"
     produced = {(r.device, r.point, r.ts): r.value for r in gw.produced if r.ts < stop_at}
     in_outage = [k for k in produced if outage[0] <= k[2] <= outage[1]]
     assert depth_during >= len(in_outage) * 0.9, "readings taken during the outage waited in the outbox"
@@ -113,6 +124,12 @@ async def test_broker_outage_of_60s_loses_nothing(tmp_path: Path, mosquitto: Mos
         assert replay_ts == sorted(replay_ts), f"the backlog of {device} was sent oldest first"
     seqs = sorted(first_sends)
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), "no sequence number skipped"
+
+
+def _failed_connects(gw: RecordingGateway) -> float:
+    """Connection attempts that failed, as the gateway's /metrics counts them."""
+    return sum(s.value for m in gw.metrics.connects.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels.get("result") == "failed")
 
 
 def _gateway_proc(cell: Path, mqtt_port: int, outbox: Path, log: Path) -> subprocess.Popen[bytes]:
