@@ -280,7 +280,8 @@ class Outbox:
         """(ids, 0 for a chunk refused by the budget; readings dropped by reason; oldest ts on disk)."""
         store = self._store
         budget = self.max_bytes - self._wal_cap - 4096  # the WAL may fill to its cap; .seq file and slack
-        need = sum(store.cost(c[3]) for c in chunks)
+        packed = [pack(c[3]) for c in chunks]
+        need = sum(store.cost(b) for b in packed)
         dropped: dict[str, int] = {}
         over = store.live_bytes() + need - budget
         if over > 0 and self.overflow == "drop_oldest":
@@ -291,15 +292,20 @@ class Outbox:
                     break
                 dropped["size_drop_oldest"] = dropped.get("size_drop_oldest", 0) + gone
                 over = store.live_bytes() + need - budget
-        keep: list[bool] = []
-        for c in chunks:  # what still does not fit is refused, newest first; a numbered batch is always kept
-            fits = over <= 0 or c[1] is not None
-            keep.append(fits)
-            if not fits:
-                reason = "size_drop_newest" if self.overflow == "drop_newest" else "size_drop_oldest"
-                dropped[reason] = dropped.get(reason, 0) + len(c[3])
-                over -= store.cost(c[3])
-        ids_kept = iter(store.insert([c for c, k in zip(chunks, keep, strict=True) if k]))
+        keep = [True] * len(chunks)
+        # what still does not fit is refused by the policy: the newest first under drop_newest, else the
+        # oldest; a numbered batch (in flight, its number known to the collector) is always kept
+        order = range(len(chunks) - 1, -1, -1) if self.overflow == "drop_newest" else range(len(chunks))
+        for i in order:
+            if over <= 0:
+                break
+            if chunks[i][1] is None:
+                keep[i] = False
+                reason = f"size_{self.overflow}"
+                dropped[reason] = dropped.get(reason, 0) + len(chunks[i][3])
+                over -= store.cost(packed[i])
+        kept = [i for i in range(len(chunks)) if keep[i]]
+        ids_kept = iter(store.insert([chunks[i] for i in kept], [packed[i] for i in kept]))
         ids = [next(ids_kept) if k else 0 for k in keep]
         store.checkpoint_if_due()
         store.sync_if_due()

@@ -152,15 +152,17 @@ class Store:
         return seq
 
     # -- writing --------------------------------------------------------------------------------
-    def insert(self, groups: Iterable[tuple[str | None, int | None, bool, Sequence[Reading]]]) -> list[int]:
-        """Commit chunks (stream, seq, replay, readings) in one transaction; return their ids."""
+    def insert(self, groups: Sequence[tuple[str | None, int | None, bool, Sequence[Reading]]],
+               packed: Sequence[bytes] | None = None) -> list[int]:
+        """Commit chunks (stream, seq, replay, readings), packed already if `packed` is given, in one
+        transaction; return their ids."""
         ids = []
         with self._tx():
-            for stream, seq, replay, readings in groups:
+            for i, (stream, seq, replay, readings) in enumerate(groups):
                 cur = self.db.execute(
                     "INSERT INTO chunks(stream, seq, replay, first_ts, last_ts, n, data) VALUES (?,?,?,?,?,?,?)",
                     (stream, seq, int(replay), min(r.ts for r in readings), max(r.ts for r in readings),
-                     len(readings), pack(readings)))
+                     len(readings), packed[i] if packed is not None else pack(readings)))
                 ids.append(int(cur.lastrowid or 0))
                 if seq is None:
                     self.waiting_n += len(readings)
@@ -255,9 +257,9 @@ class Store:
         return total
 
     @staticmethod
-    def cost(readings: Sequence[Reading]) -> int:
-        """What committing these readings adds to the database, roughly (for the size budget)."""
-        return len(pack(readings)) + _ROW_OVERHEAD
+    def cost(packed: bytes) -> int:
+        """What committing a packed chunk adds to the database, roughly (for the size budget)."""
+        return len(packed) + _ROW_OVERHEAD
 
     def oldest_ts(self) -> int | None:
         """The first ts of the oldest chunk on disk (chunks come in order: the first row, by its rowid)."""
