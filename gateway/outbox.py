@@ -457,22 +457,34 @@ class Outbox:
         self._oldest_disk = await self._run(self._store.oldest_ts)
 
     async def run(self, tick: float | None = None) -> None:
-        """Commit what outlived the write window, fsync on the sync interval, upkeep every 5 s."""
+        """Commit what outlived the write window, fsync on the sync interval, upkeep every 5 s.
+
+        Each round runs as a task of its own that a cancellation of run() does not interrupt: a commit under
+        way on the outbox thread finishes either way, and so must its bookkeeping (else the readings it wrote
+        would count as still in RAM, and close() would write them a second time)."""
         tick = tick or max(0.05, min(0.5, self.write_window_s / 4))
-        last_upkeep = time.monotonic()
+        upkeep = [time.monotonic()]
         while True:
             await asyncio.sleep(tick)
+            work = asyncio.ensure_future(self._round(upkeep))
             try:
-                await self.commit_overdue()
-                if self._store.unsynced:
-                    await self._run(self._store.sync_if_due)
-                if time.monotonic() - last_upkeep >= 5:
-                    last_upkeep = time.monotonic()
-                    await self.maintain()
-            except (OSError, sqlite3.Error) as err:  # a full or failing card: keep what is in RAM, try again
-                self.errors += 1
-                summarised(log, "outbox: the disk refused a write; readings stay in RAM", type(err).__name__,
-                           error=str(err), in_ram=self.in_ram, path=str(self.path))
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait([work])
+                raise
+
+    async def _round(self, upkeep: list[float]) -> None:
+        try:
+            await self.commit_overdue()
+            if self._store.unsynced:
+                await self._run(self._store.sync_if_due)
+            if time.monotonic() - upkeep[0] >= 5:
+                upkeep[0] = time.monotonic()
+                await self.maintain()
+        except (OSError, sqlite3.Error) as err:  # a full or failing card: keep what is in RAM, try again
+            self.errors += 1
+            summarised(log, "outbox: the disk refused a write; readings stay in RAM", type(err).__name__,
+                       error=str(err), in_ram=self.in_ram, path=str(self.path))
 
     async def close(self) -> None:
         """A clean stop: everything in RAM is committed (a stop loses nothing), then the files are closed."""

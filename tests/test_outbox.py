@@ -551,3 +551,35 @@ async def test_a_clean_stop_commits_what_waited_in_ram(tmp_path: Path) -> None:
 
 def _files_total(path: Path) -> int:
     return sum(_files(path).values())
+
+
+async def test_stopping_the_outbox_mid_commit_writes_nothing_twice(tmp_path: Path) -> None:
+    """The gateway stops (its tasks are cancelled) while a window commit is on the outbox thread: the commit
+    finishes, is booked as written, and close() does not write the same readings again."""
+    path = tmp_path / "ob.sqlite"
+    ob = Outbox(path, write_window_s=0.01)
+    ob.online = True
+    in_commit, release = threading.Event(), threading.Event()
+    insert = ob._store.insert
+
+    def slow_insert(*args: object, **kwargs: object) -> list[int]:  # the real insert, held until released
+        in_commit.set()
+        release.wait(10)
+        return insert(*args, **kwargs)  # type: ignore[arg-type]
+
+    ob._store.insert = slow_insert  # type: ignore[method-assign]
+    await ob.append(_readings(40))
+    flying = await ob.next_batch(10)  # sent, not acknowledged: committed with its number
+    assert flying is not None
+    runner = asyncio.create_task(ob.run(tick=0.02))
+    await asyncio.to_thread(in_commit.wait, 10)
+    runner.cancel()
+    await asyncio.sleep(0.05)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    ob._store.insert = insert  # type: ignore[method-assign]
+    await ob.close()
+    stored = stored_readings(path)
+    assert len(stored) == 40 and len(set(_keys(stored))) == 40, "each reading on disk once"
+    assert _keys(stored_readings(path, "in_flight")) == _keys(flying.readings), "the sent batch kept its number"
