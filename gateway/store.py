@@ -116,15 +116,16 @@ class Store:
         boot = _boot_id()
         if stream is None:
             stream, nxt = uuid.uuid4().hex[:12], 0
-        elif record is None:  # an outbox from before the .seq file: its meta row was exact
+        elif record is None and self._meta("next_seq") is not None:  # from before the .seq file: meta was exact
             nxt = floor
-        elif record[0] == stream and (record[3] or record[2] == boot):
+        elif record is not None and record[0] == stream and (record[3] or record[2] == boot):
             nxt = max(record[1], floor)
         else:
             old = stream
             stream, nxt = uuid.uuid4().hex[:12], 0
-            log.warning("the outbox was not closed and the machine rebooted since (power cut?): new stream, so no "
-                        "batch number is reused", old_stream=old, stream=stream, last_known_seq=record[1])
+            log.warning("the outbox's batch numbers are not known for sure (a reboot without a clean stop, or its "
+                        ".seq file missing or unreadable): new stream, so no batch number is reused",
+                        old_stream=old, stream=stream, last_known_seq=record[1] if record else None)
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('stream', ?)", (stream,))
         self.db.execute("DELETE FROM meta WHERE key = 'next_seq'")
         self._seq_fd = os.open(self.seq_path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -583,3 +583,21 @@ async def test_stopping_the_outbox_mid_commit_writes_nothing_twice(tmp_path: Pat
     stored = stored_readings(path)
     assert len(stored) == 40 and len(set(_keys(stored))) == 40, "each reading on disk once"
     assert _keys(stored_readings(path, "in_flight")) == _keys(flying.readings), "the sent batch kept its number"
+
+
+async def test_a_lost_seq_file_starts_a_new_stream_rather_than_guess_numbers(tmp_path: Path) -> None:
+    """The .seq record deleted (or unreadable): the numbers used are not known, so none may be guessed."""
+    path = tmp_path / "ob.sqlite"
+    ob = Outbox(path)
+    ob.online = True
+    await ob.append(_readings(5))
+    sent = await ob.next_batch(10)
+    assert sent is not None
+    await ob.ack(sent.key)
+    await ob.close()
+    Path(f"{path}.seq").unlink()
+    again = Outbox(path)
+    try:
+        assert again.stream != sent.stream, "a new stream: numbers of the old one may already be at the collector"
+    finally:
+        await again.close()
