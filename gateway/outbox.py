@@ -72,8 +72,7 @@ class _Staged:
 class _Flight:
     batch: Batch
     at: float  # when its oldest reading entered the outbox (monotonic)
-    ids: list[int] | None = None  # its chunks on disk; None while it is only in RAM
-    n_disk: int = 0
+    ids: list[int] | None = None  # its chunks on disk (holding all its readings); None while only in RAM
 
 
 class Archive:
@@ -153,7 +152,7 @@ class Outbox:
         for chunk, ids in self._pool.submit(self._store.in_flight).result():
             assert chunk.stream is not None and chunk.seq is not None  # noqa: S101 (in_flight's rows have both)
             batch = Batch(chunk.stream, chunk.seq, chunk.replay, chunk.readings)
-            self._flights[batch.key] = _Flight(batch, now, ids, len(chunk.readings))
+            self._flights[batch.key] = _Flight(batch, now, ids)
         self._oldest_disk = self._pool.submit(self._store.oldest_ts).result()
         self._fresh_turn = True
         self._pending: list[list[Reading]] = []
@@ -360,14 +359,16 @@ class Outbox:
             raise
         finally:
             self._limbo -= n
-        orphans = []
+        orphans: list[_Flight] = []
         for f, cid in zip(flights, ids, strict=False):
             if self._flights.get(f.batch.key) is f:
-                f.ids, f.n_disk = [cid], len(f.batch.readings)
+                f.ids = [cid]
             else:  # acknowledged while it was being written: not needed on disk any more
-                orphans.append((cid, len(f.batch.readings)))
+                orphans.append(f)
+                f.ids = [cid]
         if orphans:
-            await self._run(self._store.delete_numbered, orphans)
+            await self._run(self._store.delete_numbered, [i for f in orphans for i in f.ids or []],
+                            sum(len(f.batch.readings) for f in orphans))
 
     async def go_offline(self) -> None:
         """The broker is gone: from now on every reading is committed at once, and RAM goes to disk now."""
@@ -426,7 +427,7 @@ class Outbox:
         chunk, ids = taken
         assert chunk.stream is not None and chunk.seq is not None  # noqa: S101 (take_waiting numbers it)
         batch = Batch(chunk.stream, chunk.seq, chunk.replay, chunk.readings)
-        self._flights[batch.key] = _Flight(batch, time.monotonic(), ids, len(chunk.readings))
+        self._flights[batch.key] = _Flight(batch, time.monotonic(), ids)
         return batch
 
     async def ack(self, key: Key) -> None:
@@ -436,8 +437,7 @@ class Outbox:
             return
         self.archive.put(key, flight.batch.readings)
         if flight.ids:
-            await self._run(self._store.delete_numbered, [(i, 0) for i in flight.ids[1:]] +
-                            [(flight.ids[0], flight.n_disk)])
+            await self._run(self._store.delete_numbered, flight.ids, len(flight.batch.readings))
             self._oldest_disk = await self._run(self._store.oldest_ts)
 
     def sent_batch(self, key: Key) -> Batch | None:

@@ -171,11 +171,11 @@ class Store:
                     self.numbered_n += len(readings)
         return ids
 
-    def delete_numbered(self, chunks: Sequence[tuple[int, int]]) -> None:
-        """Forget chunks (id, readings) of acknowledged batches."""
+    def delete_numbered(self, ids: Sequence[int], readings: int) -> None:
+        """Forget the chunks of acknowledged batches (`readings`: how many they held)."""
         with self._tx():
-            self.db.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i, _ in chunks])
-        self.numbered_n -= sum(n for _, n in chunks)
+            self.db.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i in ids])
+        self.numbered_n -= readings
         self.checkpoint_if_due()
 
     def take_waiting(self, max_readings: int, replay_before_ts: int) -> tuple[Chunk, list[int]] | None:
