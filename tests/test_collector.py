@@ -110,10 +110,17 @@ async def _finish(gw: RecordingGateway, stop: asyncio.Event, task: asyncio.Task[
     """Wait until everything the gateway produced up to now is stored (its archive answers resend requests
     meanwhile, so it keeps running), then stop it; return the cut-off time (ms)."""
     cutoff = time.time() * 1000
-    produced = {(r.device, r.point, r.ts) for r in gw.produced if r.ts < cutoff}
+    devices = {p.device.id for p in gw.pollers}
+
+    def all_stored() -> bool:
+        # a device's polls run one after another: once it has a reading stamped after the cut-off, every poll
+        # it started before the cut-off is in `produced` (a poll under way at the cut-off is not missed)
+        if {r.device for r in gw.produced if r.ts >= cutoff} != devices:
+            return False
+        return {(r.device, r.point, r.ts) for r in gw.produced if r.ts < cutoff} <= _stored_keys(influx, cfg)
+
     try:
-        await wait_for(lambda: produced <= _stored_keys(influx, cfg), timeout, "every produced reading in InfluxDB",
-                       interval=1)
+        await wait_for(all_stored, timeout, "every produced reading in InfluxDB", interval=1)
     finally:
         stop.set()
         await task
